@@ -1,0 +1,47 @@
+# alignx: two commands on a fresh machine, `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Pin torch before anything that depends on it: an unpinned torch pulls several GB of CUDA wheels.
+TORCH  := torch==2.13.0
+
+.PHONY: install install-demo test test-slow lint demo bench bench-gpu clean
+
+$(VENV)/.stamp-install: requirements.txt constraints.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -c constraints.txt -r requirements.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.stamp-demo: $(VENV)/.stamp-install requirements-demo.txt
+	$(PIP) install -q -c constraints.txt -r requirements-demo.txt
+	touch $@
+
+install: $(VENV)/.stamp-install
+
+install-demo: $(VENV)/.stamp-demo
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -m "not slow"
+
+test-slow: install-demo
+	$(VENV)/bin/pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+demo: install-demo
+	$(PY) -m alignx.cli demo
+
+bench: install
+	$(PY) -m benchmarks.run --device cpu
+
+bench-gpu: install
+	$(PY) -m benchmarks.run --device cuda
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,362 @@
+"""Typed run configuration: dataclasses with a doc per field, strict YAML loading and dotted overrides.
+
+A run is described by one YAML file with the sections below plus ``--section.key=value`` overrides on the command
+line. An unknown or misspelt key is an error that names it and suggests the closest valid key. Derived values (the
+gradient-accumulation steps, the align layer of a given depth) are computed, never stored twice. The resolved
+config is written to every run directory (:func:`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EngineConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "Stage2Config",
+    "TrainConfig",
+    "describe",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any model or data is loaded."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and its documentation (shown by ``alignx config``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = doc(
+        "tiny-llama",
+        "Local HF directory, hub id, or a packaged model name (gemma3-270m, "
+        "smollm2-135m, tiny-llama, tiny-qwen2, tiny-gemma3).",
+    )
+    tokenizer: str | None = doc(None, "Tokenizer directory when it differs from the model's.")
+    align_layer: int | None = doc(
+        None,
+        "Decoder block whose output feeds the contrastive loss (1-based, as HF "
+        "hidden_states[k]); null = num_layers // 2.",
+    )
+    attn_implementation: str = doc("auto", "auto = flash_attention_2 when flash-attn is importable, else sdpa.")
+    gradient_checkpointing: bool = doc(False, "Recompute decoder blocks in backward to save activation memory.")
+    dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Dtype the weights are loaded in before DeepSpeed.")
+    cache_dir: str | None = doc(None, "Where dequantised packaged models are cached (default ~/.cache/alignx).")
+
+    def resolved_align_layer(self, num_layers: int) -> int:
+        layer = num_layers // 2 if self.align_layer is None else self.align_layer
+        if not 1 <= layer <= num_layers:
+            raise ConfigError(f"model.align_layer={layer} is outside 1..{num_layers} for this model")
+        return layer
+
+
+@dataclass
+class DataConfig:
+    train_file: str | None = doc(None, "Stage-1 JSONL of {src_text, tgt_text, src_lang, tgt_lang} records.")
+    eval_file: str | None = doc(None, "Held-out JSONL; if null, eval_size records are split off train_file.")
+    eval_size: int = doc(2000, "Records held out from train_file when eval_file is null (reference: 2000).")
+    cutoff_len: int = doc(512, "Maximum sequence length in tokens (reference: 512).")
+    template: str = doc("alpaca", "Prompt template: 'alpaca' (reference) or a path to a JSON template.")
+    instruction: str = doc(
+        "Translate the following sentence from {src} to {tgt}.",
+        "Stage-1 instruction; {src} and {tgt} are replaced by language names.",
+    )
+    padding_side: Literal["left", "right"] = doc("left", "Padding side of collated batches (reference: left).")
+    group_by_length: bool = doc(True, "Length-grouped batches, as the reference (also decides the negatives).")
+    min_target_tokens: int = doc(3, "Records with fewer target tokens after truncation are dropped (reference: 3).")
+    labels: Literal["all", "response"] = doc("all", "NTP over the whole sequence (reference) or the response only.")
+    packing: bool = doc(False, "Pack records into one row per micro-batch (no padding compute).")
+    num_proc: int = doc(1, "Processes for tokenisation with datasets.map.")
+    cache_dir: str | None = doc(None, "datasets cache directory (default: next to the run).")
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: Literal["alignx", "ntp", "afp", "clmap"] = doc(
+        "alignx", "alignx = NTP + contrastive + language matching; ntp = language modelling only."
+    )
+    temperature: float = doc(0.1, "InfoNCE temperature tau (reference: 0.1).")
+    lambda_ctr: float = doc(0.3, "Weight of the contrastive loss (reference: 0.3).")
+    lambda_lam: float = doc(0.4, "Weight of the language-matching loss (reference: 0.4).")
+    ctr_scale: float = doc(0.5, "Factor inside the contrastive loss; the official code multiplies by 1/2.")
+    symmetric: bool = doc(False, "Add the target->source direction to the InfoNCE (not in the reference).")
+    lam_hidden: int = doc(128, "Width of the language-matching SwiGLU head (2d -> h -> 2).")
+    lam_init_std: float = doc(0.02, "Std of the N(0, std) init of the head (reference: 0.02).")
+    include_self_pairs: bool = doc(True, "Language matching over all ordered pairs including i = j (reference).")
+    negatives: Literal["local", "global", "global+queue"] = doc(
+        "local", "Contrastive candidates: the micro-batch (reference), all ranks, or all ranks plus a queue."
+    )
+    queue_size: int = doc(0, "Capacity of the FIFO queue of detached embeddings (negatives: global+queue).")
+    kernel_backend: Literal["auto", "triton", "torch", "reference"] = doc("auto", "Implementation of the ops.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(2e-6, "Peak learning rate (reference: 2e-6).")
+    betas: list = doc([0.9, 0.999], "AdamW betas.")
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    weight_decay: float = doc(0.0, "AdamW weight decay.")
+    warmup_steps: int = doc(100, "Linear warm-up steps, then linear decay to 0 (reference: 100).")
+    max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables (reference: 1.0).")
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = doc(0, "DeepSpeed ZeRO stage 0-3.")
+    precision: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Training precision.")
+    offload_optimizer: bool = doc(False, "ZeRO optimizer-state offload to CPU (CPUAdam).")
+    offload_param: bool = doc(False, "ZeRO-3 parameter offload to CPU.")
+    backend: str | None = doc(None, "torch.distributed backend; null = nccl on GPU, gloo on CPU.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = doc("runs/alignx", "Run directory; stage 1 and stage 2 write stage1/ and stage2/ in it.")
+    epochs: float = doc(2.0, "Passes over the training records (reference: 2).")
+    max_steps: int = doc(-1, "Optimizer steps; -1 = from epochs.")
+    global_batch_size: int = doc(128, "Records per optimizer step over all ranks (reference: 128).")
+    micro_batch_size: int = doc(16, "Records per forward on one rank (reference: 16; also the negatives).")
+    eval_every: int = doc(200, "Evaluation loss on held-out records every N steps; 0 disables.")
+    save_every: int = doc(200, "Checkpoint every N steps (and on SIGTERM); 0 = only at the end.")
+    keep_checkpoints: int = doc(3, "Checkpoints kept on disk.")
+    log_every: int = doc(10, "Metrics logging interval in steps.")
+    seed: int = doc(42, "Seed of data order, splits and initialisation.")
+    resume: str = doc("none", "'auto' = latest checkpoint in the run directory, 'none', or a checkpoint path.")
+    tensorboard: bool = doc(True, "Write TensorBoard events next to the JSONL metrics.")
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Derived, never stored: global batch = micro batch x world size x accumulation steps."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of train.micro_batch_size="
+                f"{self.micro_batch_size} x world size {world_size}"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class Stage2Config:
+    train_file: str | None = doc(None, "Stage-2 JSONL of {instruction, input, output, lang} records.")
+    eval_file: str | None = doc(None, "Stage-2 held-out JSONL; if null, data.eval_size records are split off.")
+    epochs: float = doc(2.0, "Stage-2 passes over its records (reference: 2).")
+    max_steps: int = doc(-1, "Stage-2 optimizer steps; -1 = from epochs.")
+    lr: float | None = doc(None, "Stage-2 learning rate; null = optim.lr (reference: same 2e-6).")
+    labels: Literal["all", "response"] = doc("all", "Stage-2 NTP over the whole sequence (reference) or response.")
+
+
+@dataclass
+class EvalConfig:
+    langs: list = doc([], "Languages evaluated against English; empty = those of the data.")
+    max_pairs: int = doc(200, "Held-out parallel pairs per language for retrieval and translation.")
+    schedule: list = doc(["base", "stage1", "stage2"], "When the evaluation report runs.")
+    translate: bool = doc(True, "Include greedy translation (chrF++, BLEU).")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _all_keys(cls: type = Config) -> list[str]:
+    keys = []
+    for sec in dataclasses.fields(cls):
+        for f in dataclasses.fields(_field_type(cls, sec.name)):
+            keys.append(f"{sec.name}.{f.name}")
+    return keys
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check and convert ``value`` to the annotated type ``tp``; errors name the key."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    return value
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    valid = _all_keys()
+    if key not in valid:
+        raise _unknown(key, valid)
+    section, name = key.split(".", 1)
+    sec = getattr(cfg, section)
+    setattr(sec, name, _coerce(key, value, _field_type(type(sec), name)))
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--objective.temperature=0.05", "--train.max_steps", "10"]`` -> ``{"objective.temperature": 0.05, ...}``.
+
+    Values are parsed as YAML scalars (numbers, booleans, null, lists like ``[en, sw]``).
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"expected an override like --section.key=value, got {arg!r}")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value")
+            key, raw = arg[2:], args[i + 1]
+            i += 1
+        out[key] = yaml.safe_load(raw) if raw != "" else ""
+        i += 1
+    return out
+
+
+def _flatten(tree: dict[str, Any], where: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    sections = [f.name for f in dataclasses.fields(Config)]
+    for section, body in tree.items():
+        if section not in sections:
+            raise _unknown(str(section), sections)
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping, got {body!r}")
+        for key, value in body.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, checked key by key. Raises :class:`ConfigError` naming the bad key."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for key, value in _flatten(tree, str(path)).items():
+            _apply(cfg, key, value)
+    if overrides:
+        items = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        for key, value in items.items():
+            _apply(cfg, key, value)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.objective.temperature <= 0:
+        raise ConfigError(f"objective.temperature must be > 0, got {cfg.objective.temperature}")
+    if cfg.engine.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
+    if cfg.engine.offload_param and cfg.engine.zero_stage != 3:
+        raise ConfigError("engine.offload_param needs engine.zero_stage=3")
+    if cfg.train.micro_batch_size < 1 or cfg.train.global_batch_size < 1:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    if cfg.data.cutoff_len < 8:
+        raise ConfigError(f"data.cutoff_len must be >= 8, got {cfg.data.cutoff_len}")
+    if cfg.objective.negatives == "global+queue" and cfg.objective.queue_size <= 0:
+        raise ConfigError("objective.negatives=global+queue needs objective.queue_size > 0")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe() -> str:
+    """Every key with its default and documentation, one per line."""
+    lines = []
+    cfg = Config()
+    for sec in dataclasses.fields(Config):
+        section = getattr(cfg, sec.name)
+        lines.append(f"{sec.name}:")
+        for f in dataclasses.fields(section):
+            lines.append(f"  {f.name}: {getattr(section, f.name)!r}  # {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
