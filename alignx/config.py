@@ -129,6 +129,17 @@ class EngineConfig:
     offload_optimizer: bool = doc(False, "ZeRO optimizer-state offload to CPU (CPUAdam).")
     offload_param: bool = doc(False, "ZeRO-3 parameter offload to CPU.")
     backend: str | None = doc(None, "torch.distributed backend; null = nccl on GPU, gloo on CPU.")
+    zero3_param_persistence_threshold: int = doc(
+        100000,
+        "ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's "
+        "stage3_param_persistence_threshold); 0 partitions every parameter.",
+    )
+    dist_timeout_minutes: int = doc(30, "Timeout of collective operations before a hung rank aborts the run.")
+    deepspeed: dict = doc(
+        {},
+        "Extra DeepSpeed config merged into the generated one, e.g. {zero_optimization: {overlap_comm: true}}; "
+        "what alignx derives (batch sizes, optimizer, precision, ZeRO stage, clipping) cannot be set here.",
+    )
 
 
 @dataclass
@@ -165,6 +176,9 @@ class Stage2Config:
     max_steps: int = doc(-1, "Stage-2 optimizer steps; -1 = from epochs.")
     lr: float | None = doc(None, "Stage-2 learning rate; null = optim.lr (reference: same 2e-6).")
     labels: Literal["all", "response"] = doc("all", "Stage-2 NTP over the whole sequence (reference) or response.")
+    init_from: str | None = doc(
+        None, "HF model directory stage 2 starts from; null = stage 1's verified export (<output_dir>/stage1/export)."
+    )
 
 
 @dataclass

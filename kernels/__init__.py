@@ -6,5 +6,16 @@ memory-bounded torch path that runs on CPU, and an fp32 oracle in :mod:`alignx.k
 
 from . import reference
 from ._common import BACKENDS, interpreter_enabled, resolve_backend
+from .info_nce import info_nce
+from .lang_match import lang_match_loss
+from .span_pool import span_mean_pool
 
-__all__ = ["BACKENDS", "interpreter_enabled", "reference", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "info_nce",
+    "interpreter_enabled",
+    "lang_match_loss",
+    "reference",
+    "resolve_backend",
+    "span_mean_pool",
+]

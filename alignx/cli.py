@@ -1,0 +1,183 @@
+"""Command line: ``train.py`` (via :func:`train_main`) and the ``alignx`` console script (:func:`main`).
+
+Training::
+
+    deepspeed train.py --config configs/<run>.yaml [--stage 1|2|all] [--resume auto] [--section.key=value ...]
+    python train.py --config configs/<run>.yaml ...          # one process, no launcher
+
+``--stage`` defaults to ``all`` when ``stage2.train_file`` is set, else ``1``. ``--resume X`` is short for
+``--train.resume=X``. The ``deepspeed`` launcher adds ``--local_rank=N`` (the rank is read from the environment).
+The config (file + overrides) is checked completely before anything is loaded: a bad key fails at once, naming it.
+
+Exit codes: 0 done; 1 data or stage error (message on stderr, no traceback); 2 config or usage error;
+143 stopped by SIGTERM after writing a checkpoint.
+
+``alignx`` subcommands: ``train`` (= train.py), ``config`` (every key with its default and documentation; with
+``--config`` the resolved values), and ``data build``, ``eval``, ``demo``, ``compare`` (dispatched lazily to
+``alignx.data.build``, ``alignx.eval.cli``, ``alignx.demo``, ``alignx.compare``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from alignx.config import Config, ConfigError, describe, load_config
+
+__all__ = ["main", "train_main"]
+
+USAGE_ERROR, RUN_ERROR, SIGTERM_EXIT = 2, 1, 143
+
+# Subcommand -> (module, function, words of the subcommand consumed before its own arguments).
+DISPATCH: dict[str, tuple[str, str, int]] = {
+    "data": ("alignx.data.build", "main", 2),  # alignx data build ...
+    "eval": ("alignx.eval.cli", "main", 1),
+    "demo": ("alignx.demo", "main", 1),
+    "compare": ("alignx.compare", "main", 1),
+}
+
+
+def _error(kind: str, err: BaseException) -> None:
+    rank = os.environ.get("RANK")
+    where = f" [rank {rank}]" if rank not in (None, "0") else ""
+    print(f"alignx{where}: {kind}: {err}", file=sys.stderr, flush=True)
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train with AlignX on DeepSpeed. Any --section.key=value overrides the config "
+        "(see `alignx config` for every key).",
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", help="YAML run config (configs/*.yaml); defaults if omitted")
+    p.add_argument("--stage", choices=["1", "2", "all"], default=None, help="stage(s) to run")
+    p.add_argument("--resume", default=None, help="auto | none | a checkpoint directory (= --train.resume)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
+    return p
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``train.py``: parse, check the config, run the stage(s); returns the exit code."""
+    args, rest = _train_parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    overrides = list(rest)
+    if args.resume is not None:
+        overrides.append(f"--train.resume={args.resume}")
+    try:
+        cfg = load_config(args.config, overrides)
+        from alignx.schedule import check_stage_inputs, parse_stages
+
+        stage = args.stage or ("all" if cfg.stage2.train_file else "1")
+        check_stage_inputs(cfg, parse_stages(stage))
+    except ConfigError as e:
+        _error("config error", e)
+        return USAGE_ERROR
+    return _run_training(cfg, stage, args.config, [o for o in rest])
+
+
+def _run_training(cfg: Config, stage: str, config_path: str | None, overrides: list[str]) -> int:
+    import torch.distributed as dist
+
+    from alignx.data import DataError
+    from alignx.engine import CheckpointError, shutdown_distributed
+    from alignx.schedule import StageError, run_stages
+    from alignx.trainer import TrainingError
+
+    created = not dist.is_initialized()  # leave a caller's process group alone (tests, notebooks)
+    clean = False
+    try:
+        code = run_stages(cfg, stage, config_path=config_path, overrides=overrides)
+        clean = True
+        return code
+    except ConfigError as e:
+        _error("config error", e)
+        return USAGE_ERROR
+    except (DataError, StageError, TrainingError, CheckpointError) as e:
+        _error("error", e)
+        return RUN_ERROR
+    finally:
+        if created:
+            shutdown_distributed(clean=clean)
+
+
+def _describe_resolved(cfg: Config) -> str:
+    """Like :func:`alignx.config.describe`, with the values of ``cfg``."""
+    lines = []
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        lines.append(f"{sec.name}:")
+        for f in dataclasses.fields(section):
+            lines.append(f"  {f.name}: {getattr(section, f.name)!r}  # {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def config_main(argv: Sequence[str]) -> int:
+    """``alignx config [--config FILE] [--section.key=value ...]``: every key, its value and its documentation."""
+    p = argparse.ArgumentParser(prog="alignx config", description=config_main.__doc__, allow_abbrev=False)
+    p.add_argument("--config", help="YAML run config to resolve (with the overrides)")
+    args, rest = p.parse_known_args(list(argv))
+    if args.config is None and not rest:
+        print(describe())
+        return 0
+    try:
+        cfg = load_config(args.config, rest)
+    except ConfigError as e:
+        _error("config error", e)
+        return USAGE_ERROR
+    print(_describe_resolved(cfg))
+    return 0
+
+
+def _dispatch(name: str, argv: list[str]) -> int:
+    module_name, func, consumed = DISPATCH[name]
+    if name == "data" and (not argv or argv[0] != "build"):
+        _error("usage error", ValueError("expected `alignx data build ...`"))
+        return USAGE_ERROR
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        # Only a missing subcommand module is reported this way; a missing dependency inside it is a real error.
+        if e.name is None or not module_name.startswith(e.name):
+            raise
+        _error("error", ModuleNotFoundError(f"`alignx {name}` needs {module_name}, which is not installed here"))
+        return USAGE_ERROR
+    result = getattr(module, func)(argv[consumed - 1 :])
+    return int(result or 0)
+
+
+HELP = """usage: alignx <command> [args]
+
+commands:
+  train      train (same as `python train.py`; use `deepspeed train.py` for several processes)
+  config     print every config key with its default and documentation (--config FILE: resolved values)
+  data build build training data (JSONL) from the packaged sources
+  eval       alignment / translation / perplexity report of a model directory
+  demo       small real model, real parallel data: stage 1 -> stage 2 -> report
+  compare    compare the reports of several runs
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``alignx`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0 if argv else USAGE_ERROR
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        return train_main(rest)
+    if cmd == "config":
+        return config_main(rest)
+    if cmd in DISPATCH:
+        return _dispatch(cmd, rest)
+    _error("usage error", ValueError(f"unknown command {cmd!r}"))
+    print(HELP, file=sys.stderr)
+    return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Training data: JSONL records, prompt rendering with character-offset spans, collation and batch order.
+
+Stage 1 (translation pairs with source/target spans) and stage 2 (instructions)::
+
+    from alignx.data import Collator, micro_batches, prepare_stage1
+
+    prep = prepare_stage1(cfg, tokenizer, train_file="pairs.jsonl")  # prints and returns prep.drops
+    collate = Collator(tokenizer, padding_side=cfg.data.padding_side)
+    for idx in micro_batches(prep.train["length"], 16, world_size=1, rank=0, seed=42, epoch=0,
+                             group_by_length=True):
+        batch = collate([prep.train[i] for i in idx])  # input_ids, attention_mask, labels, span_ids: [B, T]
+
+Modules: :mod:`~alignx.data.records` (reading, validation, drop reasons), :mod:`~alignx.data.prompt` (templates),
+:mod:`~alignx.data.tokenize` (spans from offsets, truncation, labels, cached ``datasets`` preprocessing),
+:mod:`~alignx.data.collate`, :mod:`~alignx.data.sampler` (length-grouped, rank-aware order).
+"""
+
+from alignx.data.collate import Collator
+from alignx.data.prompt import ALPACA, Rendered, Template, instruction_text, load_template
+from alignx.data.records import DROP_REASONS, DataError, iter_jsonl, normalize_stage1, normalize_stage2, read_jsonl
+from alignx.data.sampler import epoch_order, length_grouped_order, micro_batches, steps_per_epoch
+from alignx.data.tokenize import Encoder, Prepared, format_report, prepare_stage1, prepare_stage2, token_regions
+
+__all__ = [
+    "ALPACA",
+    "DROP_REASONS",
+    "Collator",
+    "DataError",
+    "Encoder",
+    "Prepared",
+    "Rendered",
+    "Template",
+    "epoch_order",
+    "format_report",
+    "instruction_text",
+    "iter_jsonl",
+    "length_grouped_order",
+    "load_template",
+    "micro_batches",
+    "normalize_stage1",
+    "normalize_stage2",
+    "prepare_stage1",
+    "prepare_stage2",
+    "read_jsonl",
+    "steps_per_epoch",
+    "token_regions",
+]

@@ -1,0 +1,102 @@
+"""Collation of tokenised rows into padded tensors (the reference pads on the left, to a multiple of 8).
+
+With left padding, position ``T - 1`` is the last real token of every row (the official filter relies on it);
+right padding is available for models or kernels that prefer it. The span ids are padded with 0 (no span), the
+labels with -100 (ignored by the LM loss), the attention mask with 0.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["Collator"]
+
+_IGNORE = -100
+
+
+class Collator:
+    """``rows -> {input_ids, attention_mask, labels, span_ids: [B, T], src_lang, tgt_lang: [B]}`` (all int64).
+
+    ``T = ceil(max_b len_b / pad_to_multiple_of) * pad_to_multiple_of``. Row ``b`` occupies positions
+    ``[T - len_b, T)`` (left padding) or ``[0, len_b)`` (right padding); elsewhere ``input_ids = pad_token_id``,
+    ``attention_mask = 0``, ``labels = -100``, ``span_ids = 0``.
+
+    Args:
+        tokenizer: gives ``pad_token_id`` (falls back to ``eos_token_id``), unless ``pad_token_id`` is given.
+        padding_side: "left" (reference) or "right".
+        pad_to_multiple_of: round ``T`` up to a multiple of this (reference: 8); 1 = no rounding.
+        return_position_ids: also return ``position_ids [B, T]`` counting real tokens only (0 on padding), so a
+            left-padded row gets the same positions as unpadded. The reference does not pass them (RoPE
+            attention depends only on relative positions, so the difference is numerical).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        padding_side: Literal["left", "right"] = "left",
+        pad_to_multiple_of: int = 8,
+        *,
+        pad_token_id: int | None = None,
+        return_position_ids: bool = False,
+    ) -> None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_token_id is None:
+            raise ValueError("Collator needs a pad_token_id (the tokenizer has neither a pad nor an eos token)")
+        self.pad_token_id = int(pad_token_id)
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.return_position_ids = return_position_ids
+
+    def __call__(self, rows: list[dict[str, Any]] | dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        """Collate a list of rows, or a columnar batch ``{"input_ids": [[...], ...], ...}`` (``dataset[indices]``)."""
+        if isinstance(rows, dict):
+            keys = list(rows)
+            rows = [dict(zip(keys, values)) for values in zip(*rows.values())]
+        if not rows:
+            raise ValueError("Collator got an empty list of rows")
+        lengths = []
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            if n == 0:
+                raise ValueError(f"row {i} has no tokens")
+            for key in ("labels", "span_ids"):
+                if key in row and len(row[key]) != n:
+                    raise ValueError(f"row {i}: len({key})={len(row[key])} != len(input_ids)={n}")
+            lengths.append(n)
+        m = self.pad_to_multiple_of
+        T = -(-max(lengths) // m) * m
+        B = len(rows)
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        labels = torch.full((B, T), _IGNORE, dtype=torch.long)
+        span_ids = torch.zeros((B, T), dtype=torch.long)
+        position_ids = torch.zeros((B, T), dtype=torch.long)
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            sl = slice(T - n, T) if self.padding_side == "left" else slice(0, n)
+            input_ids[b, sl] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            attention_mask[b, sl] = 1
+            labels[b, sl] = torch.as_tensor(row.get("labels", row["input_ids"]), dtype=torch.long)
+            if "span_ids" in row:
+                span_ids[b, sl] = torch.as_tensor(row["span_ids"], dtype=torch.long)
+            position_ids[b, sl] = torch.arange(n)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "span_ids": span_ids,
+            "src_lang": torch.as_tensor([int(r.get("src_lang", -1)) for r in rows], dtype=torch.long),
+            "tgt_lang": torch.as_tensor([int(r.get("tgt_lang", -1)) for r in rows], dtype=torch.long),
+        }
+        if self.return_position_ids:
+            batch["position_ids"] = position_ids
+        return batch

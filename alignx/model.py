@@ -1,0 +1,434 @@
+"""The language model side of alignx, and the only module that knows Hugging Face internals.
+
+- :func:`load_tokenizer` / :func:`load_causal_lm`: any local HF directory or hub id, the packaged GGUF models
+  (``gemma3-270m``, ``smollm2-135m``, via :mod:`alignx.models`) and the offline test models (``tiny-llama``,
+  ``tiny-qwen2``, ``tiny-gemma3``, via :mod:`alignx.testing`).
+- :func:`find_decoder_parts`: the decoder blocks and the final norm of any ``AutoModelForCausalLM`` layout.
+- :class:`LanguageMatchingHead`: the AlignX language-matching SwiGLU classifier, with the official parameter names.
+- :class:`AlignXModel`: the HF model + the head + forward hooks on decoder block ``align_layer`` and on the final
+  norm; its ``forward`` computes the whole objective (:mod:`alignx.objective`), so that under ZeRO-3 the head's
+  parameters are used inside a module forward.
+
+Hidden-state conventions (checked against ``output_hidden_states=True`` for Llama, Qwen2 and Gemma 3): HF's
+``hidden_states[k]`` (1 <= k < N) is the output of decoder block k, the residual stream before the final norm, and
+``hidden_states[-1]`` is the final-norm output (the input of ``lm_head``). The hooks capture exactly these two
+tensors, without ``output_hidden_states`` (which would keep all N + 1 of them alive).
+
+Gemma 3 notes: it multiplies the token embeddings by sqrt(d) (only ``hidden_states[0]`` sees it; no term uses that
+index), its RMSNorm scales by ``1 + w`` and its last hidden state is still the final-norm output, and
+``final_logit_softcapping`` (None for Gemma 3, 30 for Gemma 2) applies to the logits only — the NTP term reads the
+model's own logits, so any soft-capping is included and the pooled states are unaffected.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .config import Config, ModelConfig
+from .objective import TERMS, AlignXObjective, kernel_op
+
+__all__ = [
+    "AlignXModel",
+    "LMOutputs",
+    "LanguageMatchingHead",
+    "ModelLayoutError",
+    "ModelSource",
+    "find_decoder_parts",
+    "load_causal_lm",
+    "load_tokenizer",
+    "resolve_attn_implementation",
+    "resolve_model_source",
+]
+
+PACKAGED_MODELS = ("gemma3-270m", "smollm2-135m")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Attribute paths tried, in order, on the decoder module (``get_decoder()``, then common wrappers, then the model).
+LAYER_PATHS = ("layers", "h", "blocks", "block", "decoder.layers", "model.layers", "transformer.h")
+NORM_PATHS = (
+    "norm",
+    "final_layernorm",
+    "final_layer_norm",
+    "ln_f",
+    "norm_f",
+    "final_norm",
+    "decoder.final_layer_norm",
+    "model.norm",
+    "transformer.ln_f",
+)
+ROOT_PATHS = ("model", "transformer", "gpt_neox", "decoder")
+
+
+class ModelLayoutError(ValueError):
+    """The decoder blocks or the final norm of a model could not be located."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+class ModelSource(NamedTuple):
+    """Where ``from_pretrained`` reads a model: a directory or hub id, and the GGUF file inside it if any."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def resolve_model_source(name: str, cache_dir: str | None = None) -> ModelSource:
+    """Map ``model.name_or_path`` (or ``model.tokenizer``) to what ``from_pretrained`` reads.
+
+    Packaged names are resolved by :func:`alignx.models.resolve_pretrained` (the dequantised HF directory in the
+    cache; a ``(directory, gguf_file)`` pair is accepted too) and the ``tiny-*`` test models by
+    :func:`alignx.testing.tiny_pretrained` (created once in the cache); anything else is passed through (a local HF
+    directory or a hub id).
+    """
+    if name.startswith("tiny-"):
+        from alignx.testing import tiny_pretrained
+
+        return ModelSource(str(tiny_pretrained(name, cache_dir)))
+    if name in PACKAGED_MODELS:
+        try:
+            from alignx.models import resolve_pretrained
+        except ImportError as e:
+            raise ImportError(f"the packaged model {name!r} needs alignx.models.resolve_pretrained: {e}") from e
+        resolved = resolve_pretrained(name, cache_dir)
+        if isinstance(resolved, tuple):
+            return ModelSource(str(resolved[0]), resolved[1])
+        return ModelSource(str(resolved))
+    return ModelSource(name)
+
+
+def _gguf_kwargs(src: ModelSource) -> dict[str, Any]:
+    return {"gguf_file": src.gguf_file} if src.gguf_file else {}
+
+
+def load_tokenizer(model_cfg: ModelConfig) -> Any:
+    """The fast tokenizer of ``model.tokenizer`` (default: the model's), with a pad token.
+
+    A tokenizer without a pad token gets its EOS token as pad (the collator masks padding out of every loss). A slow
+    tokenizer is an error: the data pipeline computes spans from character offsets, which only fast tokenizers give.
+    """
+    from transformers import AutoTokenizer
+
+    name = model_cfg.tokenizer or model_cfg.name_or_path
+    src = resolve_model_source(name, model_cfg.cache_dir)
+    tok = AutoTokenizer.from_pretrained(src.path, **_gguf_kwargs(src))
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"tokenizer of {name!r} is not a fast tokenizer; character offsets need a fast tokenizer")
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer of {name!r} has neither a pad nor an EOS token to pad with")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def resolve_attn_implementation(requested: str, dtype: torch.dtype) -> str:
+    """``"auto"`` -> ``"flash_attention_2"`` when ``flash_attn`` imports, a GPU is present and the dtype is 16-bit
+    (FlashAttention has no CPU or fp32 kernels), else ``"sdpa"``. Any other value is passed to transformers as is."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16):
+        try:
+            import flash_attn  # noqa: F401
+        except Exception:
+            return "sdpa"
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_causal_lm(model_cfg: ModelConfig) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` in ``model.dtype`` with the resolved attention implementation.
+
+    The KV cache is switched off (training). Gradient checkpointing is switched on by :class:`AlignXModel`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_cfg.dtype!r}")
+    dtype = DTYPES[model_cfg.dtype]
+    src = resolve_model_source(model_cfg.name_or_path, model_cfg.cache_dir)
+    lm = AutoModelForCausalLM.from_pretrained(
+        src.path,
+        dtype=dtype,
+        attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation, dtype),
+        **_gguf_kwargs(src),
+    )
+    lm.config.use_cache = False
+    return lm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_decoder_parts(lm: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
+    """``(decoder blocks, final norm)`` of a causal LM, found without knowing its class.
+
+    Tries ``lm.get_decoder()`` (the HF accessor) first, then the usual wrapper attributes (``model``,
+    ``transformer``, ``gpt_neox``, ``decoder``) and ``lm`` itself; on each, the blocks are the first non-empty
+    ``nn.ModuleList`` among :data:`LAYER_PATHS` and the norm the first module among :data:`NORM_PATHS`.
+
+    Raises:
+        ModelLayoutError: naming the model class and what was looked for.
+    """
+    roots: list[nn.Module] = []
+    get_decoder = getattr(lm, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            roots.append(get_decoder())
+        except Exception:  # some wrappers raise instead of returning None
+            pass
+    roots += [m for m in (_get_path(lm, p) for p in ROOT_PATHS) if isinstance(m, nn.Module)]
+    roots.append(lm)
+    for root in roots:
+        layers = next(
+            (x for x in (_get_path(root, p) for p in LAYER_PATHS) if isinstance(x, nn.ModuleList) and len(x) > 0),
+            None,
+        )
+        norm = next((x for x in (_get_path(root, p) for p in NORM_PATHS) if isinstance(x, nn.Module)), None)
+        if layers is not None and norm is not None:
+            return layers, norm
+    raise ModelLayoutError(
+        f"{type(lm).__name__}: cannot find the decoder blocks (an nn.ModuleList at one of {LAYER_PATHS}) and the final "
+        f"norm (one of {NORM_PATHS}) on get_decoder(), {ROOT_PATHS} or the model itself"
+    )
+
+
+def _hidden_size(lm: nn.Module) -> int:
+    config = lm.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(text, key, None)
+        if isinstance(value, int):
+            return value
+    raise ModelLayoutError(f"{type(lm).__name__}: the config has no hidden_size / n_embd / d_model")
+
+
+def _param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    p = next(module.parameters(), None)
+    return (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The language-matching head
+
+
+class LanguageMatchingHead(nn.Module):
+    """The AlignX "same language?" classifier on a pair of pooled states, with the official names and layout.
+
+    ``logits(z) = down_proj(silu(gate_proj(z)) * up_proj(z))`` for ``z = [E_i ; E_j]`` (``2d``), widths
+    ``2d -> hidden -> 2`` (reference 128), no bias, weights ``N(0, init_std^2)`` (reference 0.02):
+    ``gate_proj.weight [hidden, 2d]``, ``up_proj.weight [hidden, 2d]``, ``down_proj.weight [2, hidden]`` — the
+    official checkpoint's ``language_matching_classifier.*`` tensors load as they are
+    (:meth:`load_official_state_dict`).
+    """
+
+    OFFICIAL_PREFIX = "language_matching_classifier."
+
+    def __init__(self, hidden_size: int, intermediate_size: int = 128, init_std: float = 0.02) -> None:
+        super().__init__()
+        if hidden_size < 1 or intermediate_size < 1:
+            raise ValueError(f"hidden_size and intermediate_size must be >= 1, got {hidden_size}, {intermediate_size}")
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_proj = nn.Linear(2 * hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(2 * hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, 2, bias=False)
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(lin.weight, mean=0.0, std=init_std)
+
+    def pair_logits(self, z: Tensor) -> Tensor:
+        """The classifier itself on concatenated pairs: ``z [..., 2d]`` -> logits ``[..., 2]``."""
+        return self.down_proj(nn.functional.silu(self.gate_proj(z)) * self.up_proj(z))
+
+    def forward(self, emb: Tensor, lang: Tensor, *, include_self_pairs: bool = True, backend: str = "auto") -> Tensor:
+        """Mean cross-entropy over all ordered pairs (i, j) of ``emb [M, d]`` of "lang[i] == lang[j]" (fp32 0-dim).
+
+        Computed by ``alignx.kernels.lang_match_loss`` without the ``[M, M, 2d]`` pair tensor; runs inside this
+        module's forward so that ZeRO-3 gathers the weights.
+        """
+        if emb.dim() != 2 or emb.shape[1] != self.hidden_size:
+            raise ValueError(f"emb must be [M, {self.hidden_size}], got {tuple(emb.shape)}")
+        w_gate = self.gate_proj.weight
+        lang_match_loss = kernel_op("lang_match_loss")
+        return lang_match_loss(
+            emb.to(w_gate.dtype),
+            lang,
+            w_gate,
+            self.up_proj.weight,
+            self.down_proj.weight,
+            include_self_pairs=include_self_pairs,
+            backend=backend,
+        )
+
+    def load_official_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load the head from an official AlignX state dict (``language_matching_classifier.*`` keys, or bare
+        ``gate_proj.weight`` ...). Shapes must match: ``[hidden, 2d]``, ``[hidden, 2d]``, ``[2, hidden]``."""
+        names = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+        picked = {}
+        for name in names:
+            for key in (self.OFFICIAL_PREFIX + name, name):
+                if key in state_dict:
+                    picked[name] = state_dict[key]
+                    break
+            else:
+                raise KeyError(f"the state dict has no {self.OFFICIAL_PREFIX + name} (nor {name})")
+        self.load_state_dict(picked, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trained module
+
+
+class LMOutputs(NamedTuple):
+    """One forward of the language model: ``logits [B, T, V]``, the hooked ``hidden_align [B, T, D]`` (output of
+    block ``align_layer``) and ``hidden_final [B, T, D]`` (final-norm output); the hidden states are None when the
+    objective does not need them."""
+
+    logits: Tensor
+    hidden_align: Tensor | None
+    hidden_final: Tensor | None
+
+
+class _HiddenCapture:
+    """Forward-hook target that keeps the outputs of two modules during one forward.
+
+    Hooks are bound methods of this object (not closures), so a ``copy.deepcopy`` of the model gets hooks that write
+    into its own copy. Outputs are kept only between :meth:`start` and :meth:`stop`: a gradient checkpoint's
+    recomputation in backward (or any forward outside :meth:`AlignXModel.run_lm`) is ignored.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.tensors: dict[str, Tensor] = {}
+
+    def start(self, active: bool) -> None:
+        self.tensors = {}
+        self.active = active
+
+    def stop(self) -> dict[str, Tensor]:
+        self.active = False
+        tensors, self.tensors = self.tensors, {}
+        return tensors
+
+    def _keep(self, key: str, output: Any) -> None:
+        if self.active:
+            self.tensors[key] = output[0] if isinstance(output, (tuple, list)) else output
+
+    def align(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._keep("align", output)
+
+    def final(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._keep("final", output)
+
+
+class AlignXModel(nn.Module):
+    """An HF causal LM with the AlignX objective computed inside ``forward``.
+
+    ``self.lm`` is the HF model, ``self.lang_head`` the :class:`LanguageMatchingHead` (a submodule, so DeepSpeed
+    partitions, clips and checkpoints it; None for ``objective.kind="ntp"``). Forward hooks on decoder block
+    ``align_layer`` (1-based, as HF ``hidden_states[k]``; default ``num_layers // 2``) and on the final norm capture
+    their outputs during :meth:`forward` only (never parameters, which ZeRO-3 may have released); they work with
+    gradient checkpointing, whose backward recomputation they ignore. As in HF, ``align_layer = num_layers`` means
+    the final-norm output (``hidden_states[N]`` is the normed state, not block N's raw output).
+    """
+
+    # Keys of ``state_dict()`` that the exported HF directory leaves out.
+    hf_state_dict_keys_excluded = ("lang_head.",)
+
+    def __init__(self, lm: nn.Module, cfg: Config) -> None:
+        super().__init__()
+        self.lm = lm
+        self.objective = AlignXObjective(cfg.objective, min_target_tokens=cfg.data.min_target_tokens)
+        layers, final_norm = find_decoder_parts(lm)
+        self.num_layers = len(layers)
+        self.align_layer = cfg.model.resolved_align_layer(self.num_layers)
+        if getattr(lm, "config", None) is not None:
+            lm.config.use_cache = False
+        if cfg.model.gradient_checkpointing:
+            _enable_gradient_checkpointing(lm)
+
+        self.lang_head: LanguageMatchingHead | None = None
+        self._capture = _HiddenCapture()
+        self._hooks: list[Any] = []
+        if self.objective.uses_head:
+            head = LanguageMatchingHead(_hidden_size(lm), cfg.objective.lam_hidden, cfg.objective.lam_init_std)
+            dtype, device = _param_dtype_device(lm)
+            self.lang_head = head.to(device=device, dtype=dtype)
+            # HF's hidden_states[N] is the final-norm output, not block N's: align_layer = N reads the norm too.
+            if self.align_layer < self.num_layers:
+                self._hooks.append(layers[self.align_layer - 1].register_forward_hook(self._capture.align))
+            else:
+                self._hooks.append(final_norm.register_forward_hook(self._capture.align))
+            self._hooks.append(final_norm.register_forward_hook(self._capture.final))
+
+    def run_lm(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> LMOutputs:
+        """One forward of the HF model, returning the logits and the two hooked hidden states."""
+        self._capture.start(self.lang_head is not None)
+        try:
+            out = self.lm(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+        finally:
+            captured = self._capture.stop()
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if self.lang_head is None:
+            return LMOutputs(logits, None, None)
+        missing = [k for k in ("align", "final") if k not in captured]
+        if missing:
+            raise RuntimeError(f"{type(self.lm).__name__}: the forward hooks did not fire for {missing}")
+        h_align, h_final = captured["align"], captured["final"]
+        if logits.requires_grad and not (h_align.requires_grad and h_final.requires_grad):
+            raise RuntimeError(
+                "the hooked hidden states carry no gradient although the logits do: the gradient checkpointing of this "
+                "model wraps the module call (hooks inside the checkpoint); use a non-reentrant checkpoint of forward"
+            )
+        return LMOutputs(logits, h_align, h_final)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        span_ids: Tensor | None = None,
+        src_lang: Tensor | None = None,
+        tgt_lang: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """The objective on one micro-batch.
+
+        Args: ``input_ids``, ``attention_mask``, ``labels`` (-100 = not counted), ``span_ids`` (0 other, 1 source,
+        2 target) ``[B, T]``; ``src_lang``, ``tgt_lang`` ``[B]`` integer language ids; ``position_ids`` optional
+        (default: HF's, as the reference). The last four may be None for ``objective.kind="ntp"``.
+
+        Returns: ``loss`` (the total, with its graph: what the engine back-propagates), ``ntp``, ``ctr``, ``lam``
+        (detached fp32 0-dim copies for logging), ``rows_kept``, ``rows_dropped`` (int64 0-dim).
+        """
+        out = self.run_lm(input_ids, attention_mask, position_ids)
+        batch = {"labels": labels, "span_ids": span_ids, "src_lang": src_lang, "tgt_lang": tgt_lang}
+        terms = self.objective(out.logits, out.hidden_align, out.hidden_final, batch, self.lang_head)
+        return {k: terms[k] if k == "loss" else terms[k].detach() for k in TERMS}
+
+
+def _enable_gradient_checkpointing(lm: nn.Module) -> None:
+    """Non-reentrant checkpointing of every decoder block (hidden states keep their graph; hooks stay outside)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(lm, "gradient_checkpointing_enable"):
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(lm).__name__} does not support gradient checkpointing (model.gradient_checkpointing)")

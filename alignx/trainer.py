@@ -1,0 +1,591 @@
+"""The training loop of one stage: ``Trainer(cfg, stage).run()``.
+
+``run()`` reads top-down: process group -> tokenizer -> data (rank 0 tokenises first, the others read its cache)
+-> step plan -> model + DeepSpeed engine -> resume -> loop (train step, metrics, evaluation, checkpoint, SIGTERM)
+-> export -> summary. Everything DeepSpeed-specific is in :mod:`alignx.engine`, the objective in
+:mod:`alignx.model`, the batch order in :mod:`alignx.data.sampler`.
+
+Distributed semantics (data parallel, ``W`` ranks)
+--------------------------------------------------
+* **Batch sizes.** ``train.global_batch_size = G`` records per optimizer step, ``train.micro_batch_size = m``
+  records per forward on one rank, gradient accumulation ``A = G / (m W)`` (derived, an error if not an integer).
+* **Which records.** The epoch order depends on ``G`` and the seed only. Optimizer step ``g`` covers positions
+  ``[g G, (g + 1) G)`` of it; rank ``r`` runs global micro-batches ``(g A + a) W + r`` for ``a < A`` (interleaved).
+  So every step sees the same ``G`` records whatever ``(m, W, A)`` is.
+* **What is averaged.** Each micro-batch's objective is a mean over that micro-batch (NTP: token mean over its
+  labelled tokens; CTR: mean over its source anchors; LAM: mean over its ``(2m)^2`` pairs). DeepSpeed divides each
+  micro-batch loss by ``A`` and averages gradients over the ``W`` ranks, so the step minimises the **mean over the
+  ``A W`` micro-batches of the step** of their objectives.
+* **Micro-batch negatives (``objective.negatives = "local"``, the reference).** The contrastive candidates of an
+  anchor are the ``m`` targets of its own micro-batch on its own rank, and language matching pairs the ``2m``
+  pooled states of that micro-batch only. The objective of a step therefore depends on how its ``G`` records are cut
+  into micro-batches, not only on which records they are:
+
+  - ``W`` ranks x micro ``m`` x accumulation ``A`` and ``1`` rank x micro ``m`` x accumulation ``A W`` run the same
+    micro-batches (the interleaving above) -> the same objective, the same gradients, the same run up to
+    floating-point summation order. ``tests/test_dist.py`` checks this with 2 processes.
+  - 2 ranks x micro 2 and 1 rank x micro 4 are **different objectives**: with micro 4 each anchor has 3 negatives
+    instead of 1, and the NTP token mean is taken over 4 records instead of 2 (so even plain next-token prediction
+    differs when lengths differ). Keep ``m`` fixed when scaling out. ``objective.negatives = "global"`` (the
+    candidates of all ranks' micro-batches of the same micro-step, gathered with gradients) makes the contrastive
+    candidate set independent of ``W``; :mod:`alignx.objective` refuses it until cross-rank gathering is in.
+  - The reference trains with ``m = 16`` on each of 8 GPUs: 16 candidates per anchor, not 128.
+* **Evaluation** runs every ``train.eval_every`` steps on the held-out rows, cut into micro-batches of ``m`` in a
+  fixed seeded order (the same micro-batches for any ``W`` at a fixed ``m``), padded cyclically so every rank runs
+  the same number of forwards (ZeRO-3 needs it); reported terms are means over those micro-batches.
+* **Resume.** A checkpoint holds the model, AdamW state, LR schedule, the step (= data position: step ``g`` fixes
+  epoch ``g // steps_per_epoch`` and the position in it) and every rank's RNG state. ``--resume auto`` restarts from
+  the newest complete checkpoint and reproduces the uninterrupted run step for step; lines of ``metrics.jsonl`` past
+  the checkpoint are dropped. Resuming with a different ``G`` or different data is refused, and so is a ZeRO >= 1
+  checkpoint on a different number of ranks (its optimizer shards are per rank).
+* **SIGTERM** (a scheduler's pre-emption; the ``deepspeed`` launcher forwards it to every rank): the ranks agree at
+  the end of the current step, write a checkpoint, and exit with code 143 — ``--resume auto`` continues.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from alignx.config import Config, ConfigError, save_config
+from alignx.engine import (
+    DistInfo,
+    Engine,
+    check_precision,
+    init_distributed,
+    latest_tag,
+    partitioned_loading,
+    prune_checkpoints,
+)
+from alignx.metrics import MetricsLogger, format_table
+from alignx.schedule import export_dir, stage_dir
+
+__all__ = ["RunResult", "Trainer", "TrainingError"]
+
+# Terms the model returns that are means per micro-batch (averaged) and counts (summed).
+MEAN_TERMS = ("loss", "ntp", "ctr", "lam")
+COUNT_TERMS = ("rows_kept", "rows_dropped")
+ROW_COLUMNS = ["input_ids", "labels", "span_ids", "src_lang", "tgt_lang"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (no usable data, a non-finite loss, an inconsistent resume)."""
+
+
+@dataclass
+class Plan:
+    """How many optimizer steps, of what."""
+
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    n_train: int
+    n_eval: int
+
+
+@dataclass
+class RunResult:
+    """What :meth:`Trainer.run` returns: ``status`` is "completed" or "interrupted" (SIGTERM, checkpoint written)."""
+
+    status: str
+    step: int
+    run_dir: Path
+    export_dir: Path | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: the head's initialisation must agree (ZeRO-3 keeps each rank's own shard)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _Sigterm:
+    """Turns SIGTERM into a flag checked at step boundaries (restores the previous handler on exit)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Sigterm:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. an embedding application): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    """One stage of training. ``cfg`` is the stage's view of the config (:func:`alignx.schedule.stage_config`)."""
+
+    def __init__(self, cfg: Config, stage: int = 1) -> None:
+        if stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 or 2, got {stage!r}")
+        self.cfg = cfg
+        self.stage = stage
+        self.run_dir = stage_dir(cfg, stage)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.dist: DistInfo | None = None
+        self._bar: Any = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The story
+
+    def run(self) -> RunResult:
+        self.dist = init_distributed(self.cfg)
+        check_precision(self.cfg)
+        resume_tag = self._check_run_dir()
+        seed_everything(self.cfg.train.seed)
+        from alignx.model import AlignXModel, load_causal_lm, load_tokenizer
+
+        tokenizer = load_tokenizer(self.cfg.model)
+        data = self._rank0_first(lambda: self._prepare_data(tokenizer))
+        plan = self._plan(data)
+        self._say(self._plan_text(plan, data))
+
+        with partitioned_loading(self.cfg, self.dist.world_size):  # ZeRO-3: each rank loads only its shards
+            lm = load_causal_lm(self.cfg.model)
+        engine = Engine(AlignXModel(lm, self.cfg), self.cfg, plan.total_steps)
+        start = self._resume(engine, plan, resume_tag)
+        if self.dist.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        metrics = MetricsLogger(
+            self.run_dir, enabled=self.dist.is_main, tensorboard=self.cfg.train.tensorboard, resume_step=start
+        )
+        if start == 0:
+            drops = {f"data/dropped/{k}": v for k, v in data.drops.items()}
+            drops.update({f"data/eval_dropped/{k}": v for k, v in data.stats.get("eval_drops", {}).items()})
+            metrics.log(0, drops)
+
+        collate = self._collator(tokenizer)
+        with _Sigterm() as sigterm:
+            history = self._train(engine, data, plan, start, collate, metrics, sigterm)
+        interrupted = history["interrupted"]
+        out_dir = None
+        if not interrupted:
+            out_dir = engine.export_hf(
+                export_dir(self.cfg, self.stage),
+                tokenizer,
+                meta={"stage": self.stage, "step": engine.global_step, "base_model": self.cfg.model.name_or_path},
+            )
+        summary = self._summary(engine, plan, data, history, out_dir)
+        metrics.close()
+        engine.destroy()
+        status = "interrupted" if interrupted else "completed"
+        return RunResult(status, history["step"], self.run_dir, out_dir, summary)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Set-up
+
+    def _say(self, text: str) -> None:
+        if self.dist is None or self.dist.is_main:
+            if self._bar is not None:
+                self._bar.write(text)
+            else:
+                print(text, flush=True)
+
+    def _check_run_dir(self) -> str | None:
+        """The checkpoint tag to resume from (None = fresh). A fresh run refuses a directory holding checkpoints."""
+        mode = self.cfg.train.resume
+        if mode == "auto":
+            tag = latest_tag(self.ckpt_dir)
+            if tag is None:
+                self._say(f"[train] stage {self.stage}: no checkpoint in {self.ckpt_dir}, starting from step 0")
+        elif mode == "none":
+            tag = None
+            if latest_tag(self.ckpt_dir) is not None:
+                raise TrainingError(
+                    f"{self.run_dir} already holds checkpoints; continue it with --resume auto (train.resume=auto) "
+                    "or choose another train.output_dir"
+                )
+        else:
+            path = Path(mode)
+            if not path.is_dir():
+                raise ConfigError(f"train.resume={mode!r}: not 'auto', 'none' or a checkpoint directory")
+            tag = str(path.resolve())
+        if tag is None and self.dist is not None and self.dist.is_main:
+            # A fresh start: metrics of an earlier attempt that never reached a checkpoint are stale.
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+        return tag
+
+    def _rank0_first(self, fn):
+        """Run ``fn`` on rank 0 first (it fills the datasets cache), then on the others; an error on rank 0 is
+        raised on every rank instead of leaving them waiting."""
+        assert self.dist is not None
+        if self.dist.world_size == 1:
+            return fn()
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # re-raised below, after the other ranks know
+                error = e
+        msg = [f"{type(error).__name__}: {error}" if error is not None else None]
+        dist.broadcast_object_list(msg, src=0)
+        if error is not None:
+            raise error
+        if msg[0] is not None:
+            raise TrainingError(f"rank 0 failed to prepare the data: {msg[0]}")
+        return result if self.dist.is_main else fn()
+
+    def _prepare_data(self, tokenizer: Any) -> Any:
+        from alignx.data import prepare_stage1, prepare_stage2
+
+        prepare = prepare_stage1 if self.stage == 1 else prepare_stage2
+        assert self.dist is not None
+        return prepare(
+            self.cfg,
+            tokenizer,
+            train_file=self.cfg.data.train_file,
+            eval_file=self.cfg.data.eval_file,
+            verbose=self.dist.is_main,
+        )
+
+    def _plan(self, data: Any) -> Plan:
+        assert self.dist is not None
+        t = self.cfg.train
+        grad_accum = t.grad_accum_steps(self.dist.world_size)
+        n_train = len(data.train)
+        per_epoch = n_train // t.global_batch_size
+        if per_epoch == 0:
+            raise TrainingError(
+                f"{n_train} usable training records are fewer than one global batch of {t.global_batch_size} "
+                f"(dropped at preprocessing: {sum(data.drops.values())}); lower train.global_batch_size or add data"
+            )
+        total = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * per_epoch)
+        if total < 1:
+            raise ConfigError(f"train.epochs={t.epochs} gives no optimizer step ({per_epoch} steps per epoch)")
+        n_eval = len(data.eval) if data.eval is not None else 0
+        return Plan(grad_accum, per_epoch, total, n_train, n_eval)
+
+    def _plan_text(self, plan: Plan, data: Any) -> str:
+        t = self.cfg.train
+        ws = self.dist.world_size if self.dist else 1
+        return (
+            f"[train] stage {self.stage}: {plan.n_train} training records, {plan.n_eval} held out; "
+            f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x {ws} ranks x {plan.grad_accum} "
+            f"accumulation; {plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps; "
+            f"ZeRO-{self.cfg.engine.zero_stage} {self.cfg.engine.precision}; run directory {self.run_dir}"
+        )
+
+    def _collator(self, tokenizer: Any) -> Any:
+        from alignx.data import Collator
+
+        return Collator(tokenizer, padding_side=self.cfg.data.padding_side, pad_to_multiple_of=8)
+
+    def _resume(self, engine: Engine, plan: Plan, tag: str | None) -> int:
+        """Load the checkpoint (model, optimizer, schedule, RNG) and return the step to continue from."""
+        if tag is None:
+            return 0
+        root, name = (Path(tag).parent, Path(tag).name) if Path(tag).is_absolute() else (self.ckpt_dir, tag)
+        client = engine.load_checkpoint(root, name)
+        expected = {"global_batch_size": self.cfg.train.global_batch_size, "steps_per_epoch": plan.steps_per_epoch}
+        for key, value in expected.items():
+            if client.get(key) != value:
+                raise TrainingError(
+                    f"checkpoint {root / name} was written with {key}={client.get(key)}, this run has {value}: "
+                    "the data order would not continue (same data and global batch are needed to resume)"
+                )
+        step = int(client["step"])
+        self._say(f"[train] stage {self.stage}: resumed from {root / name} at step {step}")
+        return step
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loop
+
+    def _micro_batches(self, lengths: list[int], epoch: int, plan: Plan) -> list[list[int]]:
+        from alignx.data import micro_batches
+
+        assert self.dist is not None
+        return micro_batches(
+            lengths,
+            self.cfg.train.micro_batch_size,
+            world_size=self.dist.world_size,
+            rank=self.dist.rank,
+            seed=self.cfg.train.seed,
+            epoch=epoch,
+            group_by_length=self.cfg.data.group_by_length,
+            drop_last=True,
+            grad_accum=plan.grad_accum,
+        )
+
+    def _train(
+        self,
+        engine: Engine,
+        data: Any,
+        plan: Plan,
+        start: int,
+        collate: Any,
+        metrics: MetricsLogger,
+        sigterm: _Sigterm,
+    ) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        assert self.dist is not None
+        t = self.cfg.train
+        train = data.train.select_columns(ROW_COLUMNS)
+        lengths = list(data.train["length"])
+        epoch_batches: tuple[int, list[list[int]]] | None = None
+        window = _Window(self._unused_terms())
+        history: dict[str, Any] = {"interrupted": False, "step": start, "train": [], "eval": [], "start": start}
+        engine.train()
+        self._bar = tqdm(
+            total=plan.total_steps,
+            initial=start,
+            desc=f"stage {self.stage}",
+            unit="step",
+            disable=not self.dist.is_main,
+            dynamic_ncols=True,
+        )
+        t0 = time.time()
+        try:
+            for step in range(start, plan.total_steps):
+                epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+                if epoch_batches is None or epoch_batches[0] != epoch:
+                    epoch_batches = (epoch, self._micro_batches(lengths, epoch, plan))
+                micro = epoch_batches[1][in_epoch * plan.grad_accum : (in_epoch + 1) * plan.grad_accum]
+                window.lr.append(engine.lr)
+                self._train_step(engine, train, micro, collate, window, step)
+                done = step + 1
+                history["step"] = done
+                self._check_finite(engine, window, done)
+                self._bar.update(1)
+
+                if done % t.log_every == 0 or done == plan.total_steps:
+                    row = window.reduce(self.dist, engine)
+                    metrics.log(done, row)
+                    history["train"].append((done, row))
+                    self._bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}")
+                paused = time.time()  # evaluation and checkpoints do not count in tokens/s
+                if (
+                    data.eval is not None
+                    and t.eval_every > 0
+                    and (done % t.eval_every == 0 or done == plan.total_steps)
+                ):
+                    row = self._evaluate(engine, data.eval, collate)
+                    metrics.log(done, row)
+                    history["eval"].append((done, row))
+                    self._say(f"[eval] stage {self.stage} step {done}: loss {row['eval/loss']:.4f}")
+                if self._stop_requested(sigterm):
+                    self._checkpoint(engine, plan, done)
+                    self._say(f"[train] SIGTERM: checkpoint written at step {done}; continue with --resume auto")
+                    history["interrupted"] = True
+                    break
+                if done == plan.total_steps or (t.save_every > 0 and done % t.save_every == 0):
+                    self._checkpoint(engine, plan, done)
+                window.t0 += time.time() - paused
+        finally:
+            self._bar.close()
+            self._bar = None
+        history["seconds"] = time.time() - t0
+        return history
+
+    def _train_step(
+        self, engine: Engine, train: Any, micro: list[list[int]], collate: Any, window: _Window, step: int
+    ) -> None:
+        """``grad_accum`` micro-batches: forward, backward, and the optimizer step at the last one."""
+        for idx in micro:
+            cols = train[idx]
+            rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
+            batch = collate(rows)
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            window.add(out, int(batch["attention_mask"].sum()))
+        window.steps += 1
+        norm = engine.grad_norm
+        if norm is not None:
+            window.grad_norm.append(norm)
+
+    def _unused_terms(self) -> tuple[str, ...]:
+        return ("ctr", "lam") if self.cfg.objective.kind == "ntp" else ()
+
+    def _check_finite(self, engine: Engine, window: _Window, step: int) -> None:
+        """Stop on a non-finite gradient norm (the same value on every rank, so all ranks stop together).
+
+        fp16 is exempt: an overflow there is expected and the loss scaler skips the step.
+        """
+        if self.cfg.engine.precision == "fp16":
+            return
+        norm = engine.grad_norm
+        if norm is not None and not math.isfinite(norm):
+            last = latest_tag(self.ckpt_dir)
+            raise TrainingError(
+                f"stage {self.stage} step {step}: non-finite gradient norm ({norm}); last local loss "
+                f"{window.last_loss}; newest checkpoint: {last or 'none'}"
+            )
+
+    def _stop_requested(self, sigterm: _Sigterm) -> bool:
+        """All ranks agree: stop if any rank got SIGTERM (one tiny all-reduce per step)."""
+        assert self.dist is not None
+        if self.dist.world_size == 1:
+            return sigterm.requested
+        flag = torch.tensor([1.0 if sigterm.requested else 0.0], device=self.dist.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    @torch.no_grad()
+    def _evaluate(self, engine: Engine, eval_ds: Any, collate: Any) -> dict[str, float]:
+        """Mean of every term over the held-out micro-batches of all ranks."""
+        from alignx.data import micro_batches
+
+        assert self.dist is not None
+        ds = eval_ds.select_columns(ROW_COLUMNS)
+        batches = micro_batches(
+            list(eval_ds["length"]),
+            self.cfg.train.micro_batch_size,
+            world_size=self.dist.world_size,
+            rank=self.dist.rank,
+            seed=self.cfg.train.seed,
+            epoch=0,
+            group_by_length=False,
+            drop_last=False,
+        )
+        window = _Window(self._unused_terms())
+        engine.eval()
+        for idx in batches:
+            cols = ds[idx]
+            batch = collate([dict(zip(cols, values)) for values in zip(*cols.values())])
+            window.add(engine(batch), int(batch["attention_mask"].sum()))
+        engine.train()
+        row = window.reduce(self.dist, None, prefix="eval")
+        row.pop("eval/tokens_per_s", None)
+        return row
+
+    def _checkpoint(self, engine: Engine, plan: Plan, step: int) -> None:
+        assert self.dist is not None
+        client = {
+            "step": step,
+            "epoch": step // plan.steps_per_epoch,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "total_steps": plan.total_steps,
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "world_size": self.dist.world_size,
+            "stage": self.stage,
+            "seed": self.cfg.train.seed,
+        }
+        engine.save_checkpoint(self.ckpt_dir, f"step_{step}", client)
+        if self.dist.is_main:
+            prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The end
+
+    def _summary(
+        self, engine: Engine, plan: Plan, data: Any, history: dict[str, Any], out_dir: Path | None
+    ) -> dict[str, Any]:
+        """Gather per-rank facts, print the table and write ``summary.json`` (rank 0)."""
+        assert self.dist is not None
+        per_rank = [None] * self.dist.world_size
+        dist.all_gather_object(per_rank, engine.optimizer_state_numel())
+        train, evals = history["train"], history["eval"]
+        speeds = [r["train/tokens_per_s"] for _, r in train if r.get("train/tokens_per_s")]
+        summary: dict[str, Any] = {
+            "stage": self.stage,
+            "status": "interrupted" if history["interrupted"] else "completed",
+            "model": self.cfg.model.name_or_path,
+            "objective": self.cfg.objective.kind,
+            "world_size": self.dist.world_size,
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "micro_batch_size": self.cfg.train.micro_batch_size,
+            "grad_accum": plan.grad_accum,
+            "zero_stage": self.cfg.engine.zero_stage,
+            "precision": self.cfg.engine.precision,
+            "steps": history["step"],
+            "total_steps": plan.total_steps,
+            "resumed_from": history["start"],
+            "train_records": plan.n_train,
+            "eval_records": plan.n_eval,
+            "dropped_records": {k: v for k, v in data.drops.items() if v},
+            "first_train_loss": train[0][1]["train/loss"] if train else None,
+            "last_train_loss": train[-1][1]["train/loss"] if train else None,
+            "last_eval_loss": evals[-1][1]["eval/loss"] if evals else None,
+            "best_eval_loss": min(r["eval/loss"] for _, r in evals) if evals else None,
+            "tokens_per_s": float(np.mean(speeds)) if speeds else None,
+            "seconds": round(history.get("seconds", 0.0), 2),
+            "parameters": engine.num_parameters(),
+            "optimizer_state_numel_per_rank": per_rank,
+            "checkpoint": str(self.ckpt_dir / (latest_tag(self.ckpt_dir) or "")),
+            "export": str(out_dir) if out_dir else None,
+        }
+        if self.dist.is_main:
+            import json
+
+            rows = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
+            rows += [(f"dropped/{k}", v) for k, v in summary["dropped_records"].items()]
+            rows.append(("optimizer state / rank", ", ".join(str(n) for n in per_rank)))
+            print(format_table(rows, title=f"alignx stage {self.stage} summary"), flush=True)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+class _Window:
+    """Sums of the model's terms over the micro-batches since the last log, reduced over ranks on demand.
+
+    ``skip``: terms the objective does not have (plain NTP returns zeros for ``ctr`` and ``lam``; they are not
+    logged).
+    """
+
+    def __init__(self, skip: tuple[str, ...] = ()) -> None:
+        self.skip = skip
+        self.sums = dict.fromkeys(MEAN_TERMS + COUNT_TERMS, 0.0)
+        self.micro = 0
+        self.tokens = 0
+        self.steps = 0
+        self.lr: list[float] = []
+        self.grad_norm: list[float] = []
+        self.present: set[str] = set()
+        self.last_loss = float("nan")
+        self.t0 = time.time()
+
+    def add(self, out: dict[str, torch.Tensor], tokens: int) -> None:
+        for key in MEAN_TERMS + COUNT_TERMS:
+            if key in out and key not in self.skip:
+                self.sums[key] += float(out[key].detach().float().item())
+                self.present.add(key)
+        self.last_loss = float(out["loss"].detach().float().item())
+        self.micro += 1
+        self.tokens += tokens
+
+    def reduce(self, info: DistInfo, engine: Engine | None, prefix: str = "train") -> dict[str, float]:
+        """Means over all ranks' micro-batches (sums for counts); resets the window."""
+        keys = MEAN_TERMS + COUNT_TERMS
+        vec = torch.tensor([self.sums[k] for k in keys] + [self.micro, self.tokens], dtype=torch.float64)
+        if info.world_size > 1:
+            vec = vec.to(info.device)
+            dist.all_reduce(vec)
+            vec = vec.cpu()
+        values = vec.tolist()
+        micro, tokens = values[-2], values[-1]
+        elapsed = max(time.time() - self.t0, 1e-9)
+        row = {}
+        for k, v in zip(keys, values):
+            if k in self.present:
+                row[f"{prefix}/{k}"] = v / max(micro, 1) if k in MEAN_TERMS else v
+        row[f"{prefix}/tokens_per_s"] = tokens / elapsed
+        if engine is not None:
+            if self.lr:
+                row[f"{prefix}/lr"] = self.lr[-1]
+            if self.grad_norm:
+                row[f"{prefix}/grad_norm"] = self.grad_norm[-1]
+        self.__init__(self.skip)
+        return row

@@ -1,0 +1,181 @@
+"""Two CPU processes started by the ``deepspeed`` launcher (gloo) against one process on the same global batch.
+
+With reference micro-batch negatives the objective of a step is the mean over its micro-batches, so 2 ranks x
+micro m x accumulation 1 must equal 1 rank x micro m x accumulation 2 (the interleaved order gives both the same
+micro-batches; see "Distributed semantics" in ``alignx/trainer.py``). Checked at two levels:
+
+* engine: ZeRO 0-3 on 2 ranks give the 1-process losses, gradient norms and weights, and at ZeRO >= 1 each rank's
+  AdamW state holds half of the elements;
+* trainer: ``deepspeed --num_gpus 2 train.py --stage all`` trains, checkpoints (one shard and one RNG state per
+  rank) and exports, and matches the 1-process run of ``tests/test_trainer.py`` step for step.
+
+Run as a script (``deepspeed ... tests/test_dist.py --out F``) this file is the engine worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.dist
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+STEPS = 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed(script: Path, args: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus 2`` (2 processes on CPU), one thread each, on a free port."""
+    from test_trainer import clean_env
+
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(script), *args]
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_process_group():
+    from test_trainer import process_group_scope
+
+    with process_group_scope():
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Engine level
+
+
+def _engine_run(stage: int) -> dict:
+    """5 steps of the test_engine model at ``stage`` on this process's share of global micro-batches 2s, 2s+1."""
+    import torch.distributed as dist
+    from test_engine import TinyWithHead, batches, make_cfg
+
+    from alignx.engine import Engine
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    data = batches(2 * STEPS, micro=4)
+    engine = Engine(TinyWithHead(seed=0), make_cfg(stage), total_steps=STEPS)
+    losses, norms = [], []
+    for step in range(STEPS):
+        local = 0.0
+        for a in range(engine.grad_accum):
+            out = engine(data[(step * engine.grad_accum + a) * world + rank])
+            engine.backward(out["loss"])
+            engine.step()
+            local += out["loss"].item() / engine.grad_accum
+        mean = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world)
+        norms.append(engine.grad_norm)
+    numel = [None] * world
+    dist.all_gather_object(numel, engine.optimizer_state_numel())
+    weights = engine._gathered_lm_state(engine.module.lm)
+    result = {"losses": losses, "norms": norms, "numel": numel, "params": engine.num_parameters()}
+    engine.destroy()
+    return result | {"weights": weights}
+
+
+def _worker(argv: list[str]) -> None:
+    import argparse
+
+    import torch.distributed as dist
+
+    from alignx.config import Config
+    from alignx.engine import init_distributed, shutdown_distributed
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--local_rank", type=int)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    info = init_distributed(Config())
+    assert info.world_size == 2, info
+    results = {stage: _engine_run(stage) for stage in (0, 1, 2, 3)}
+    if dist.get_rank() == 0:
+        torch.save(results, args.out)
+    shutdown_distributed()
+
+
+def test_two_ranks_engine_matches_one_process_at_every_zero_stage(tmp_path: Path) -> None:
+    from alignx.config import Config
+    from alignx.engine import init_distributed
+
+    out = tmp_path / "two_ranks.pt"
+    proc = _deepspeed(Path(__file__), ["--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    two = torch.load(out, weights_only=False)
+
+    init_distributed(Config())  # this process: rank 0 of 1, accumulation 2 over the same micro-batches
+    for stage in (0, 1, 2, 3):
+        one = _engine_run(stage)
+        assert len(one["numel"]) == 1
+        got = two[stage]
+        torch.testing.assert_close(got["losses"], one["losses"], atol=1e-5, rtol=0, msg=f"ZeRO-{stage} losses")
+        torch.testing.assert_close(got["norms"], one["norms"], atol=0, rtol=1e-5, msg=f"ZeRO-{stage} norms")
+        for key, ref in one["weights"].items():
+            torch.testing.assert_close(got["weights"][key], ref, atol=1e-5, rtol=0, msg=f"ZeRO-{stage} {key}")
+        full = 2 * one["params"]
+        if stage == 0:
+            assert got["numel"] == [full, full]  # replicated
+        else:
+            for n in got["numel"]:  # partitioned: each rank holds half, up to padding of the flat buffers
+                assert full / 2 <= n <= full / 2 + 64, (stage, got["numel"], full)
+    assert two[0]["losses"][-1] < two[0]["losses"][0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer level
+
+
+def test_deepspeed_launcher_two_processes_match_one(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from test_trainer import TOTAL_STEPS, by_step, load_weights, reference_run, tiny_args
+
+    base = tmp_path_factory.getbasetemp()
+    reference = reference_run(base)
+    out = base / "two_processes"
+    proc = _deepspeed(REPO / "train.py", tiny_args(base, out, "--stage", "all"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    for stage in (1, 2):
+        run, ref = out / f"stage{stage}", reference / f"stage{stage}"
+        summary = json.loads((run / "summary.json").read_text())
+        ref_summary = json.loads((ref / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["grad_accum"] == 1 and ref_summary["grad_accum"] == 2
+        assert summary["steps"] == ref_summary["steps"]
+        # ZeRO-3 over 2 ranks: each rank's AdamW state is half of the single process's.
+        (single,) = ref_summary["optimizer_state_numel_per_rank"]
+        assert all(single / 2 <= n <= single / 2 + 64 for n in summary["optimizer_state_numel_per_rank"])
+        got, want = by_step(run / "metrics.jsonl"), by_step(ref / "metrics.jsonl")
+        assert sorted(got) == sorted(want)
+        for step, row in want.items():
+            for key, value in row.items():
+                if not key.endswith("tokens_per_s"):
+                    assert got[step][key] == pytest.approx(value, abs=1e-5, rel=1e-5), (stage, step, key)
+        two, one = load_weights(run / "export"), load_weights(ref / "export")
+        assert set(two) == set(one)
+        for key, ref_w in one.items():
+            torch.testing.assert_close(two[key], ref_w, atol=1e-5, rtol=0, msg=f"stage {stage} {key}")
+        ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
+        for rank in (0, 1):
+            assert (ckpt / f"rng_state_rank{rank}.pt").is_file()
+            assert (ckpt / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+    assert json.loads((out / "stage1" / "summary.json").read_text())["steps"] == TOTAL_STEPS
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _worker(sys.argv[1:])
