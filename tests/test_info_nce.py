@@ -4,11 +4,11 @@ validation; backend resolution; the AOT specs."""
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
 import alignx.kernels._common as common
-import alignx.kernels.info_nce as nce
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,10 @@ from alignx.kernels.reference import info_nce_ref
 from kernel_utils import assert_close_to_ref
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+# The package exports the function ``alignx.kernels.info_nce``, which shadows the module attribute of the same name;
+# the module itself is reached through ``sys.modules``.
+nce = importlib.import_module("alignx.kernels.info_nce")
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
