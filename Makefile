@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # Pin torch before anything that depends on it: an unpinned torch pulls several GB of CUDA wheels.
 TORCH  := torch==2.13.0
 
-.PHONY: install install-demo test test-slow lint demo bench bench-gpu clean
+.PHONY: install install-demo install-extras test test-slow lint demo bench bench-gpu clean
 
 $(VENV)/.stamp-install: requirements.txt constraints.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,17 @@ install: $(VENV)/.stamp-install
 
 install-demo: $(VENV)/.stamp-demo
 
+$(VENV)/.stamp-extras: $(VENV)/.stamp-demo requirements-extras-nodeps.txt
+	$(PIP) install -q --no-deps -r requirements-extras-nodeps.txt
+	touch $@
+
+install-extras: $(VENV)/.stamp-extras
+
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -m "not slow"
 
-test-slow: install-demo
+test-slow: install-extras
 	$(VENV)/bin/pytest -q -m slow
 
 lint: install

@@ -1,0 +1,149 @@
+"""``alignx demo`` (``make demo``): a real model, real human translations, stage 1 -> stage 2, measured before/after.
+
+Steps, each writing under ``--out`` (default ``runs/demo``)::
+
+    data/          alignx data build --sources bible --langs en,<langs>     (train = every book but John and Mark)
+    eval/base.json        evaluation of the packaged model before training
+    train/stage1/         AlignX stage 1 (NTP + contrastive + language matching), exported to train/stage1/export
+    eval/stage1.json      evaluation after stage 1
+    train/stage2/         stage 2 (multilingual instruction tuning), exported to train/stage2/export
+    eval/stage2.json      evaluation after stage 2
+    eval/report.md + PNG plots: the before/after tables of the three results
+
+The evaluation is held out by book (test = Mark, centring and probe on John), so nothing measured was trained on.
+The defaults fit a 2-core CPU: Gemma-3-270M, English <-> Swahili/Tagalog/Hindi, a few hundred verses per
+language. ``--steps``/``--stage2-steps``/``--train-pairs`` scale it; everything is a function of ``--seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def demo_overrides(args: argparse.Namespace, data: Path, train_dir: Path) -> dict[str, Any]:
+    """Config values of the demo run (everything else keeps the reference defaults)."""
+    return {
+        "model.name_or_path": args.model,
+        "model.align_layer": args.align_layer,
+        "data.train_file": str(data / "stage1" / "train.jsonl"),
+        "data.eval_file": str(data / "stage1" / "dev.jsonl"),
+        "data.cutoff_len": 256,
+        "train.output_dir": str(train_dir),
+        "train.max_steps": args.steps,
+        "train.global_batch_size": args.batch_size,
+        "train.micro_batch_size": args.micro_batch_size,
+        "train.eval_every": max(1, args.steps // 2),
+        "train.save_every": 0,
+        "train.log_every": 1,
+        "train.seed": args.seed,
+        "train.tensorboard": False,
+        "optim.lr": args.lr,
+        "optim.warmup_steps": max(1, args.steps // 10),
+        "stage2.train_file": str(data / "stage2" / "train.jsonl"),
+        "stage2.eval_file": str(data / "stage2" / "dev.jsonl"),
+        "stage2.max_steps": args.stage2_steps,
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignx demo", description=__doc__.split("::")[0].strip())
+    p.add_argument("--model", default="gemma3-270m", help="packaged name, HF directory or hub id (gemma3-270m)")
+    p.add_argument("--langs", default="sw,tl,hi", help="languages trained and evaluated against English")
+    p.add_argument("--out", default="runs/demo", help="output directory (runs/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-pairs", type=int, default=512, help="train verses per language (512)")
+    p.add_argument("--eval-pairs", type=int, default=200, help="held-out verses per language (200: Mark 1:1-6:8)")
+    p.add_argument("--translate-pairs", type=int, default=16, help="held-out verses translated per direction (16)")
+    p.add_argument("--ppl-pairs", type=int, default=100, help="held-out verses per language for perplexity (100)")
+    p.add_argument("--steps", type=int, default=48, help="stage-1 optimizer steps (48)")
+    p.add_argument("--stage2-steps", type=int, default=16, help="stage-2 optimizer steps (16)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch size (16)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="micro batch: also the contrastive negatives (8)")
+    p.add_argument(
+        "--lr", type=float, default=2e-5, help="peak learning rate (2e-5; the reference 2e-6 is for 2 epochs)"
+    )
+    p.add_argument("--align-layer", type=int, default=None, help="aligned layer (default: num_layers // 2)")
+    p.add_argument("--skip-train", action="store_true", help="only build the data and evaluate the base model")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``alignx demo``; returns the exit status."""
+    from alignx.config import ConfigError, load_config
+    from alignx.data.build import build, format_stats
+    from alignx.data.sources import SourceError
+    from alignx.eval.cli import EvalError, evaluate, load_eval_units, load_model
+    from alignx.eval.report import collect_results, summary_lines, write_report
+
+    args = parser().parse_args(argv)
+    out = Path(args.out)
+    data, train_dir, eval_dir = out / "data", out / "train", out / "eval"
+    langs = [x.strip() for x in args.langs.split(",") if x.strip()]
+    t_start = time.perf_counter()
+    try:
+        print(f"[demo] 1/5 data: Bible en + {', '.join(langs)} -> {data}", flush=True)
+        summary = build(
+            ["bible"],
+            ["en", *langs],
+            data,
+            seed=args.seed,
+            max_per_lang=args.train_pairs,
+            max_eval_per_lang=args.eval_pairs,
+        )
+        print(format_stats(summary["per_language"]), flush=True)
+        units = load_eval_units(langs, data=data)
+        cfg = load_config(None, demo_overrides(args, data, train_dir))
+    except (SourceError, EvalError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def run_eval(model: str, label: str) -> None:
+        lm, tok = load_model(model, cache_dir=cfg.model.cache_dir)
+        result = evaluate(
+            lm,
+            tok,
+            units,
+            langs,
+            max_pairs=args.eval_pairs,
+            translate_pairs=args.translate_pairs,
+            ppl_pairs=args.ppl_pairs,
+            directions=("en-x",),
+            align_layer=args.align_layer,
+            label=label,
+            model_name=model,
+        )
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        (eval_dir / f"{label}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        print("\n".join(summary_lines(result)), flush=True)
+        del lm
+
+    print(f"[demo] 2/5 evaluating the base model {args.model}", flush=True)
+    run_eval(args.model, "base")
+    if not args.skip_train:
+        from alignx.schedule import export_dir, run_stages
+
+        print(f"[demo] 3/5 training stage 1 ({args.steps} steps) and stage 2 ({args.stage2_steps} steps)", flush=True)
+        code = run_stages(cfg, "all")
+        if code != 0:
+            print(f"error: training stopped with status {code}; resume with --resume auto", file=sys.stderr)
+            return code
+        print("[demo] 4/5 evaluating after stage 1 and after stage 2", flush=True)
+        run_eval(str(export_dir(cfg, 1)), "stage1")
+        run_eval(str(export_dir(cfg, 2)), "stage2")
+    paths = write_report(collect_results(eval_dir), eval_dir)
+    print(f"[demo] 5/5 done in {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
+    print(f"report: {paths['report']}")
+    for name, path in paths.items():
+        if name != "report":
+            print(f"plot ({name}): {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
