@@ -157,7 +157,7 @@ commands:
   data build build training data (JSONL) from the packaged sources
   eval       alignment / translation / perplexity report of a model directory
   demo       small real model, real parallel data: stage 1 -> stage 2 -> report
-  compare    compare the reports of several runs
+  compare    run several recipes on the same data and budget, one comparison report
 """
 
 

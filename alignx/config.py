@@ -87,7 +87,12 @@ class DataConfig:
     group_by_length: bool = doc(True, "Length-grouped batches, as the reference (also decides the negatives).")
     min_target_tokens: int = doc(3, "Records with fewer target tokens after truncation are dropped (reference: 3).")
     labels: Literal["all", "response"] = doc("all", "NTP over the whole sequence (reference) or the response only.")
-    packing: bool = doc(False, "Pack records into one row per micro-batch (no padding compute).")
+    packing: bool = doc(
+        False,
+        "Concatenate each micro-batch's records into one row (position_ids restart per record, cu_seqlens): no "
+        "compute on padding; FlashAttention varlen on GPU, a block-diagonal causal mask with sdpa/eager. Same losses "
+        "as padded; the micro-batches (and so the negatives) are unchanged.",
+    )
     num_proc: int = doc(1, "Processes for tokenisation with datasets.map.")
     cache_dir: str | None = doc(None, "datasets cache directory (default: next to the run).")
 
@@ -101,14 +106,27 @@ class ObjectiveConfig:
     lambda_ctr: float = doc(0.3, "Weight of the contrastive loss (reference: 0.3).")
     lambda_lam: float = doc(0.4, "Weight of the language-matching loss (reference: 0.4).")
     ctr_scale: float = doc(0.5, "Factor inside the contrastive loss; the official code multiplies by 1/2.")
-    symmetric: bool = doc(False, "Add the target->source direction to the InfoNCE (not in the reference).")
+    symmetric: bool = doc(
+        False,
+        "Average the source->target InfoNCE with the target->source one (not in the reference); with a queue, a "
+        "second queue of detached sources doubles the queue memory.",
+    )
     lam_hidden: int = doc(128, "Width of the language-matching SwiGLU head (2d -> h -> 2).")
     lam_init_std: float = doc(0.02, "Std of the N(0, std) init of the head (reference: 0.02).")
     include_self_pairs: bool = doc(True, "Language matching over all ordered pairs including i = j (reference).")
     negatives: Literal["local", "global", "global+queue"] = doc(
-        "local", "Contrastive candidates: the micro-batch (reference), all ranks, or all ranks plus a queue."
+        "local",
+        "Contrastive candidates (docs/negatives.md): 'local' = the micro-batch's targets (reference, m per anchor); "
+        "'global' = the targets of all ranks' micro-batches of the micro-step, gathered with gradients (W*m; the "
+        "objective becomes that of one process holding all W*m records; costs one all-gather of [W*m, 4D] fp32); "
+        "'global+queue' = global plus a FIFO of detached targets of earlier steps (W*m + queue_size; costs "
+        "queue_size x D in the training dtype).",
     )
-    queue_size: int = doc(0, "Capacity of the FIFO queue of detached embeddings (negatives: global+queue).")
+    queue_size: int = doc(
+        0,
+        "Capacity C (rows) of the FIFO negatives queue, only with negatives=global+queue (up to ~1e6). Memory: "
+        "C x D x bytes(training dtype), x2 when symmetric, plus C x D of candidate gradient in the backward.",
+    )
     kernel_backend: Literal["auto", "triton", "torch", "reference"] = doc("auto", "Implementation of the ops.")
 
 
@@ -356,6 +374,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.cutoff_len must be >= 8, got {cfg.data.cutoff_len}")
     if cfg.objective.negatives == "global+queue" and cfg.objective.queue_size <= 0:
         raise ConfigError("objective.negatives=global+queue needs objective.queue_size > 0")
+    if cfg.objective.negatives != "global+queue" and cfg.objective.queue_size != 0:
+        raise ConfigError(
+            f"objective.queue_size={cfg.objective.queue_size} only applies to objective.negatives=global+queue "
+            f"(this config has negatives={cfg.objective.negatives!r}); set queue_size to 0 or use global+queue"
+        )
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -9,9 +9,10 @@ What it owns:
   ``train.global_batch_size = micro_batch_size x world_size x gradient_accumulation_steps``.
 * :class:`Engine` — ``deepspeed.initialize`` around the model with torch's AdamW (``torch_adam``: DeepSpeed's
   CPUAdam is a C++ extension compiled on first use, 25-40 s, and is only chosen with optimizer offload),
-  warm-up + linear decay, gradient clipping, ZeRO 0-3, fp32/bf16/fp16; checkpoints with client state and per-rank RNG
-  states; export of a Hugging Face directory gathered from ZeRO-3 shards on rank 0, the language-matching head left
-  out.
+  warm-up + linear decay, gradient clipping, ZeRO 0-3, fp32/bf16/fp16; checkpoints with client state, per-rank RNG
+  states and shared side files (state that is identical on every rank, e.g. the negatives queue: written once by
+  rank 0, read by every rank); export of a Hugging Face directory gathered from ZeRO-3 shards on rank 0, the
+  language-matching head left out.
 
 The learning rate of optimizer step ``s`` (0-based, the number of steps already taken) is
 
@@ -486,16 +487,31 @@ class Engine:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
-    def save_checkpoint(self, root: str | Path, tag: str, client_state: Mapping[str, Any]) -> Path:
+    def save_checkpoint(
+        self,
+        root: str | Path,
+        tag: str,
+        client_state: Mapping[str, Any],
+        *,
+        shared: Mapping[str, Any] | None = None,
+    ) -> Path:
         """Model, optimizer, scheduler, ``client_state`` and every rank's RNG state under ``root/tag``.
 
-        ``root/latest`` names the newest COMPLETE checkpoint: it is replaced atomically after every rank has
-        finished writing, so a run killed mid-save resumes from the previous one.
+        ``shared``: objects that are the same on every rank (large ones that do not belong in the client state,
+        which DeepSpeed keeps with the model states), saved once by rank 0 as ``root/tag/<name>.pt`` before the
+        checkpoint is marked complete; read back with :meth:`load_shared`. ``root/latest`` names the newest COMPLETE
+        checkpoint: it is replaced atomically after every rank has finished writing, so a run killed mid-save resumes
+        from the previous one.
         """
         root = Path(root)
         path = root / tag
         path.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), path / _RNG_FILE.format(rank=self.rank))
+        if self.rank == 0:
+            for name, obj in (shared or {}).items():
+                tmp = path / f".{name}.pt.tmp"
+                torch.save(obj, tmp)
+                os.replace(tmp, path / f"{name}.pt")
         self.ds.save_checkpoint(str(root), tag=tag, client_state=dict(client_state), save_latest=False)
         dist.barrier()
         if self.rank == 0:
@@ -530,6 +546,27 @@ class Engine:
             rng_file = root / tag / _RNG_FILE.format(rank=0)
         set_rng_state(torch.load(rng_file, weights_only=False))
         return dict(client_state or {})
+
+    def load_shared(self, root: str | Path, tag: str, name: str) -> Any:
+        """A ``shared`` object of :meth:`save_checkpoint` (tensors mapped to the CPU; the caller moves them)."""
+        f = Path(root) / tag / f"{name}.pt"
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {Path(root) / tag} has no {name}.pt (written by a run without {name}?)")
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """``{name: full gradient}`` of every trainable parameter after ``backward`` and before ``step`` (any ZeRO
+        stage: shards are assembled, on every rank; all ranks must call it). The values are what the optimizer
+        step will apply before clipping: averaged over the ranks, divided by the accumulation steps."""
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                g = safe_get_full_grad(p)
+                if g is not None:
+                    out[name] = g.detach().float().cpu().clone()
+        return out
 
     # -- export ---------------------------------------------------------------------------------------------------
 

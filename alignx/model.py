@@ -14,6 +14,14 @@ Hidden-state conventions (checked against ``output_hidden_states=True`` for Llam
 ``hidden_states[-1]`` is the final-norm output (the input of ``lm_head``). The hooks capture exactly these two
 tensors, without ``output_hidden_states`` (which would keep all N + 1 of them alive).
 
+Packed micro-batches (``data.packing``): R records concatenated in one row ``[1, total]`` with ``position_ids``
+restarting at 0 per record, ``cu_seqlens [R + 1]`` and NO attention mask. Transformers (5.x, ``masking_utils``)
+detects the packed layout from the position-id restarts when the 2D mask is None and builds a block-diagonal causal
+mask (sdpa / eager / flex; Gemma 3's sliding-window mask too, in per-record positions); FlashAttention-2/3 gets the
+``cu_seq_lens_q/k`` and ``max_length_q/k`` kwargs (``FlashAttentionKwargs``) and runs ``flash_attn_varlen_func``.
+Either way no record attends to another and no compute is spent on padding (``tests/test_packing.py`` checks the
+logits of a packed row against each record alone).
+
 Gemma 3 notes: it multiplies the token embeddings by sqrt(d) (only ``hidden_states[0]`` sees it; no term uses that
 index), its RMSNorm scales by ``1 + w`` and its last hidden state is still the final-norm output, and
 ``final_logit_softcapping`` (None for Gemma 3, 30 for Gemma 2) applies to the logits only — the NTP term reads the
@@ -28,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, ModelConfig
-from .objective import TERMS, AlignXObjective, kernel_op
+from .objective import TERMS, AlignXObjective, build_objective, kernel_op
 
 __all__ = [
     "AlignXModel",
@@ -44,6 +52,9 @@ __all__ = [
 ]
 
 PACKAGED_MODELS = ("gemma3-270m", "smollm2-135m")
+# Attention implementations that keep packed records apart: the mask builders of masking_utils (position-id restarts
+# with attention_mask=None) and the FlashAttention varlen path (cu_seq_lens kwargs).
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Attribute paths tried, in order, on the decoder module (``get_decoder()``, then common wrappers, then the model).
 LAYER_PATHS = ("layers", "h", "blocks", "block", "decoder.layers", "model.layers", "transformer.h")
@@ -350,7 +361,8 @@ class AlignXModel(nn.Module):
     def __init__(self, lm: nn.Module, cfg: Config) -> None:
         super().__init__()
         self.lm = lm
-        self.objective = AlignXObjective(cfg.objective, min_target_tokens=cfg.data.min_target_tokens)
+        # objective.kind -> AlignXObjective or a recipe's subclass (alignx.objective.RECIPE_OBJECTIVES)
+        self.objective: AlignXObjective = build_objective(cfg.objective, min_target_tokens=cfg.data.min_target_tokens)
         layers, final_norm = find_decoder_parts(lm)
         self.num_layers = len(layers)
         self.align_layer = cfg.model.resolved_align_layer(self.num_layers)
@@ -372,15 +384,60 @@ class AlignXModel(nn.Module):
             else:
                 self._hooks.append(final_norm.register_forward_hook(self._capture.align))
             self._hooks.append(final_norm.register_forward_hook(self._capture.final))
+        if cfg.data.packing:
+            self._packed_attention_kwargs(torch.tensor([0, 1]))  # fail at build time on an unsupported attention
+
+    def _packed_attention_kwargs(self, cu_seqlens: Tensor) -> dict[str, Any]:
+        """Extra ``self.lm(...)`` kwargs for a packed row: FlashAttention's varlen offsets, nothing for the mask-based
+        implementations (their block-diagonal mask comes from the position ids). Unknown implementations are refused:
+        they could silently attend across records."""
+        impl = getattr(getattr(self.lm, "config", None), "_attn_implementation", None) or "eager"
+        if impl not in PACKED_ATTENTION:
+            raise ValueError(
+                f"data.packing needs an attention implementation that keeps packed records apart ({PACKED_ATTENTION}); "
+                f"the model uses {impl!r} (model.attn_implementation)"
+            )
+        if not impl.startswith("flash_attention"):
+            return {}
+        cu = cu_seqlens.to(torch.int32)
+        max_len = int(cu.diff().max()) if cu.numel() > 1 else 0
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
 
     def run_lm(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> LMOutputs:
-        """One forward of the HF model, returning the logits and the two hooked hidden states."""
+        """One forward of the HF model, returning the logits and the two hooked hidden states.
+
+        Packed (``cu_seqlens`` given): ``input_ids [1, total]``, ``position_ids`` restarting at 0 at every
+        ``cu_seqlens[i]`` (required) and no attention mask (an all-ones mask is dropped; a mask with zeros is an
+        error), see the module docstring.
+        """
+        extra: dict[str, Any] = {}
+        if cu_seqlens is not None:
+            if position_ids is None:
+                raise ValueError("a packed batch (cu_seqlens) needs position_ids restarting at 0 for every record")
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"a packed batch is one row [1, total], got input_ids {tuple(input_ids.shape)}")
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("a packed batch has no padding: pass attention_mask=None (or all ones)")
+            starts = cu_seqlens[:-1].long()
+            if bool((position_ids.reshape(-1)[starts[starts < input_ids.shape[1]]] != 0).any()):
+                raise ValueError("position_ids must be 0 at every record start cu_seqlens[i] of a packed batch")
+            # transformers detects packing from the position ids only when the 2D mask is None.
+            attention_mask = None
+            extra = self._packed_attention_kwargs(cu_seqlens)
         self._capture.start(self.lang_head is not None)
         try:
             out = self.lm(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                **extra,
             )
         finally:
             captured = self._capture.stop()
@@ -401,26 +458,55 @@ class AlignXModel(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        attention_mask: Tensor,
-        labels: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
         span_ids: Tensor | None = None,
         src_lang: Tensor | None = None,
         tgt_lang: Tensor | None = None,
         position_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        **extra: Tensor,
     ) -> dict[str, Tensor]:
         """The objective on one micro-batch.
 
         Args: ``input_ids``, ``attention_mask``, ``labels`` (-100 = not counted), ``span_ids`` (0 other, 1 source,
         2 target) ``[B, T]``; ``src_lang``, ``tgt_lang`` ``[B]`` integer language ids; ``position_ids`` optional
-        (default: HF's, as the reference). The last four may be None for ``objective.kind="ntp"``.
+        (default: HF's, as the reference). The last four may be None for ``objective.kind="ntp"``. Packed batches
+        (:class:`alignx.data.PackedCollator`): ``[1, total]`` tensors, ``attention_mask`` None, ``position_ids``
+        restarting per record and ``cu_seqlens [B + 1]``; ``src_lang``/``tgt_lang`` stay ``[B]``. ``extra``: further
+        batch tensors of a recipe's collator, passed to an objective that runs the model itself (``forward_model``,
+        e.g. :class:`alignx.recipes.afp.AFPObjective`, which encodes the pair sentences separately).
 
         Returns: ``loss`` (the total, with its graph: what the engine back-propagates), ``ntp``, ``ctr``, ``lam``
         (detached fp32 0-dim copies for logging), ``rows_kept``, ``rows_dropped`` (int64 0-dim).
         """
-        out = self.run_lm(input_ids, attention_mask, position_ids)
-        batch = {"labels": labels, "span_ids": span_ids, "src_lang": src_lang, "tgt_lang": tgt_lang}
+        if labels is None:
+            raise ValueError("AlignXModel.forward needs labels (-100 where a token is not counted)")
+        batch = {"labels": labels, "span_ids": span_ids, "src_lang": src_lang, "tgt_lang": tgt_lang, **extra}
+        if cu_seqlens is not None:
+            batch["cu_seqlens"] = cu_seqlens
+        forward_model = getattr(self.objective, "forward_model", None)
+        if forward_model is not None:  # a recipe objective that runs the model itself (alignx.recipes)
+            terms = forward_model(self, input_ids, attention_mask, position_ids, batch)
+            return {k: terms[k] if k == "loss" else terms[k].detach() for k in TERMS}
+        if extra:
+            raise ValueError(f"objective.kind={self.objective.cfg.kind!r} takes no batch keys {sorted(extra)}")
+        out = self.run_lm(input_ids, attention_mask, position_ids, cu_seqlens)
         terms = self.objective(out.logits, out.hidden_align, out.hidden_final, batch, self.lang_head)
         return {k: terms[k] if k == "loss" else terms[k].detach() for k in TERMS}
+
+    # -- negatives queue (objective.negatives = "global+queue"), driven by the trainer ----------------------------
+
+    def end_step(self, step: int = -1) -> int:
+        """Call after each optimizer step: the rows staged by its forwards enter the negatives queue."""
+        return self.objective.end_step(step)
+
+    def negatives_state(self) -> dict[str, Any] | None:
+        """The negatives queues for a checkpoint (None without a queue); the same on every rank."""
+        return self.objective.negatives_state()
+
+    def load_negatives_state(self, state: dict[str, Any] | None, device: torch.device | str | None = None) -> None:
+        self.objective.load_negatives_state(state, device)
 
 
 def _enable_gradient_checkpointing(lm: nn.Module) -> None:

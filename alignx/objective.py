@@ -21,6 +21,19 @@ produces NaN or crashes: a row without source tokens is dropped too (the officia
 micro-batch whose rows are all dropped gives a zero loss that still reaches every parameter (the official code
 fails), so that every data-parallel rank runs the same collectives.
 
+Negatives (``objective.negatives``; docs/negatives.md): ``local`` is the reference above, per micro-batch.
+``global`` makes the micro-step's batch over all ``W`` data-parallel ranks the unit of every term: the pooled
+states of all ranks are gathered with gradients (:mod:`alignx.dist`), each rank's anchors are contrasted with the
+targets of all ranks (positives indexed in that global set by rank offset), language matching pairs all ``2N`` pooled
+states, and the NTP token mean is over all ranks' tokens; each rank's loss is scaled so that DeepSpeed's average of
+the ranks' gradients is exactly the gradient of that global objective (2 ranks give the loss and gradients of one
+process holding both micro-batches). ``global+queue`` adds a FIFO of detached targets of earlier steps
+(:class:`alignx.dist.NegativeQueue`, filled after each optimizer step) as candidates without gradient.
+
+Packed batches (``data.packing``): ``batch["cu_seqlens"] [R + 1]`` marks R records concatenated in one row
+(``[1, total]`` tensors); the filter, the pooling (``span_mean_pool(..., cu_seqlens=)``), the shift of the
+language-matching spans and the NTP masking all work per record, so the terms equal those of the padded batch.
+
 The ops come from :mod:`alignx.kernels` (``span_mean_pool``, ``info_nce``, ``lang_match_loss``) with
 ``backend=objective.kernel_backend``; while a public op is not exported yet, its fp32 reference
 (``alignx.kernels.reference.<op>_ref``, same signature without ``backend``) is used, so the formula never changes
@@ -37,15 +50,19 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError, ObjectiveConfig
+from .dist import NegativeQueue, all_gather_rows, gather_sizes, global_mean_scale, is_distributed
 
 __all__ = [
     "IGNORE_INDEX",
     "SOURCE_SPAN",
     "TARGET_SPAN",
+    "RECIPE_OBJECTIVES",
     "AlignXObjective",
     "Candidates",
+    "build_objective",
     "kernel_op",
     "lm_loss_sum",
+    "record_index",
     "shift_span_ids",
 ]
 
@@ -57,6 +74,7 @@ NUM_SPANS = 2
 # one 512-token row of a 128k vocabulary.
 CE_CHUNK_ELEMENTS = 1 << 26
 KINDS = ("alignx", "ntp")
+NEGATIVES = ("local", "global", "global+queue")
 TERMS = ("loss", "ntp", "ctr", "lam", "rows_kept", "rows_dropped")
 
 
@@ -80,15 +98,26 @@ def kernel_op(name: str) -> Callable[..., Any]:
     return call_reference
 
 
-def shift_span_ids(span_ids: Tensor) -> Tensor:
+def shift_span_ids(span_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
     """Span ids moved one position to the left: ``out[b, q] = span_ids[b, q + 1]``, ``out[b, T - 1] = 0``.
 
     Pooling the final-norm states with these ids averages the states that *predict* each span's tokens (position q
-    counts iff token q + 1 is in the span), which is how the official language-matching loss reads them.
+    counts iff token q + 1 is in the span), which is how the official language-matching loss reads them. Packed
+    (``cu_seqlens [R + 1]``, one row): the last position of every record is 0 too, never the next record's first id.
     """
     out = torch.zeros_like(span_ids)
     out[:, :-1] = span_ids[:, 1:]
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].long()
+        ends = ends[ends > cu_seqlens[:-1].long()] - 1  # last position of each non-empty record
+        out.view(-1)[ends] = 0
     return out
+
+
+def record_index(cu_seqlens: Tensor) -> Tensor:
+    """``[total]`` int64: the record of every position of a packed row (``cu_seqlens [R + 1]`` offsets)."""
+    cu = cu_seqlens.long()
+    return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff())
 
 
 def _ce_sum(logits: Tensor, target: Tensor) -> Tensor:
@@ -105,9 +134,10 @@ def lm_loss_sum(logits: Tensor, labels: Tensor, *, chunk_elements: int = CE_CHUN
     """Shifted causal-LM cross-entropy, summed: ``(sum of -log p over the counted tokens, number of tokens)``.
 
     logits ``[B, T, V]`` (any float dtype), labels ``[B, T]`` with ``IGNORE_INDEX`` for tokens that do not count;
-    position t predicts label t + 1. The maths is fp32 on row chunks of at most ``chunk_elements`` logits; for
-    half-precision logits each chunk is recomputed in backward instead of keeping its fp32 copy, so the loss costs
-    no more than one chunk of fp32 memory on top of the logits themselves.
+    position t predicts label t + 1. The maths is fp32 on row chunks of at most ``chunk_elements`` logits (a row
+    longer than that, e.g. a packed micro-batch, is cut along time); for half-precision logits each chunk is
+    recomputed in backward instead of keeping its fp32 copy, so the loss costs no more than one chunk of fp32 memory
+    on top of the logits themselves.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
@@ -121,9 +151,11 @@ def lm_loss_sum(logits: Tensor, labels: Tensor, *, chunk_elements: int = CE_CHUN
         return total + logits.sum().float() * 0.0, count
     recompute = logits.dtype != torch.float32 and logits.requires_grad and torch.is_grad_enabled()
     rows = max(1, chunk_elements // max(1, (t - 1) * v))
+    span = t - 1 if (t - 1) * v <= chunk_elements else max(1, chunk_elements // max(1, v))
     for r0 in range(0, b, rows):
-        piece, tgt = logits[r0 : r0 + rows, :-1], target[r0 : r0 + rows]
-        total = total + (checkpoint(_ce_sum, piece, tgt, use_reentrant=False) if recompute else _ce_sum(piece, tgt))
+        for t0 in range(0, t - 1, span):
+            piece, tgt = logits[r0 : r0 + rows, t0 : min(t0 + span, t - 1)], target[r0 : r0 + rows, t0 : t0 + span]
+            total = total + (checkpoint(_ce_sum, piece, tgt, use_reentrant=False) if recompute else _ce_sum(piece, tgt))
     return total, count
 
 
@@ -147,21 +179,23 @@ class AlignXObjective:
     no head, ``ctr = lam = 0``.
     """
 
+    kinds: tuple[str, ...] = KINDS  # the objective.kind values a class implements (recipe subclasses set theirs)
+
     def __init__(self, cfg: ObjectiveConfig, *, min_target_tokens: int = 3) -> None:
-        if cfg.kind not in KINDS:
+        if cfg.kind not in self.kinds:
             raise ConfigError(
-                f"objective.kind={cfg.kind!r} is not implemented by AlignXObjective (choose from {KINDS})"
+                f"objective.kind={cfg.kind!r} is not implemented by {type(self).__name__} (choose from {self.kinds}; "
+                "build_objective() picks the class of every kind)"
             )
-        if cfg.negatives != "local":
-            raise ConfigError(
-                f"objective.negatives={cfg.negatives!r} is not available yet; use 'local' (the micro-batch, reference)"
-            )
+        if cfg.negatives not in NEGATIVES:
+            raise ConfigError(f"objective.negatives={cfg.negatives!r} is not one of {NEGATIVES}")
         if cfg.temperature <= 0:
             raise ConfigError(f"objective.temperature must be > 0, got {cfg.temperature}")
         if min_target_tokens < 1:
             raise ConfigError(f"data.min_target_tokens must be >= 1, got {min_target_tokens}")
         self.cfg = cfg
         self.min_target_tokens = min_target_tokens
+        self._init_negatives()
 
     @property
     def uses_head(self) -> bool:
@@ -198,7 +232,7 @@ class AlignXObjective:
         if labels.shape != logits.shape[:2]:
             raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}")
         if not self.uses_head:
-            return self._ntp_only(logits, labels)
+            return self._ntp_only(logits, labels, batch.get("cu_seqlens"))
         span_ids = _need(batch, "span_ids")
         src_lang, tgt_lang = _need(batch, "src_lang"), _need(batch, "tgt_lang")
         if span_ids.shape != labels.shape:
@@ -208,13 +242,16 @@ class AlignXObjective:
         if head is None:
             raise ValueError("kind='alignx' needs the language-matching head")
 
-        keep = self.keep_rows(span_ids)
+        cu_seqlens = batch.get("cu_seqlens")  # packed: records cu_seqlens[i]:cu_seqlens[i + 1] of the one row
+        keep = self.keep_rows(span_ids, cu_seqlens)
         kept = keep.nonzero().squeeze(1)
         n_kept = kept.numel()
+        if self.cfg.negatives != "local":
+            return self._global_call(logits, labels, hidden_align, hidden_final, batch, keep, head)
 
-        ntp = self.ntp_loss(logits, labels, keep)
-        pooled_align = self.pool(hidden_align, span_ids)  # [B, 2, D] fp32
-        pooled_final = self.pool(hidden_final, shift_span_ids(span_ids))  # [B, 2, D] fp32
+        ntp = self.ntp_loss(logits, labels, keep, cu_seqlens)
+        pooled_align = self.pool(hidden_align, span_ids, cu_seqlens)  # [B, 2, D] fp32
+        pooled_final = self.pool(hidden_final, shift_span_ids(span_ids, cu_seqlens), cu_seqlens)  # [B, 2, D] fp32
         if n_kept == 0:
             # Every row dropped: a zero that still runs the head, so every rank gathers the same parameters.
             lam = self.language_matching_loss(pooled_final[:, 0], pooled_final[:, 1], src_lang, tgt_lang, head) * 0.0
@@ -231,49 +268,80 @@ class AlignXObjective:
             "ctr": ctr,
             "lam": lam,
             "rows_kept": torch.tensor(n_kept, device=labels.device),
-            "rows_dropped": torch.tensor(labels.shape[0] - n_kept, device=labels.device),
+            "rows_dropped": torch.tensor(keep.numel() - n_kept, device=labels.device),
         }
 
-    def _ntp_only(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def _ntp_only(self, logits: Tensor, labels: Tensor, cu_seqlens: Tensor | None = None) -> dict[str, Tensor]:
         ntp = self.ntp_loss(logits, labels)
         zero = ntp.new_zeros(())
+        n_rows = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         return {
             "loss": ntp,
             "ntp": ntp,
             "ctr": zero,
             "lam": zero,
-            "rows_kept": torch.tensor(labels.shape[0], device=labels.device),
+            "rows_kept": torch.tensor(n_rows, device=labels.device),
             "rows_dropped": torch.tensor(0, device=labels.device),
         }
 
     # ------------------------------------------------------------------------------------------------------------
     # The terms
 
-    def keep_rows(self, span_ids: Tensor) -> Tensor:
+    def keep_rows(self, span_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         """``[B]`` bool: rows with at least ``min_target_tokens`` target tokens and at least one source token.
 
         Under left padding with the official marks (target tokens up to the second-to-last position), this is the
         official ``src_tgt_index[:, -4] == 2`` for ``min_target_tokens = 3``, independent of the padding side.
+        Packed (``cu_seqlens [R + 1]``, ``span_ids [1, total]``): ``[R]``, one entry per record.
         """
-        n_tgt = (span_ids == TARGET_SPAN).sum(1)
-        n_src = (span_ids == SOURCE_SPAN).sum(1)
+        if cu_seqlens is None:
+            n_tgt = (span_ids == TARGET_SPAN).sum(1)
+            n_src = (span_ids == SOURCE_SPAN).sum(1)
+        else:
+            rec, flat = record_index(cu_seqlens), span_ids.reshape(-1)
+            n_tgt = torch.zeros(cu_seqlens.numel() - 1, dtype=torch.long, device=flat.device)
+            n_src = torch.zeros_like(n_tgt).index_add_(0, rec, (flat == SOURCE_SPAN).long())
+            n_tgt.index_add_(0, rec, (flat == TARGET_SPAN).long())
         return (n_tgt >= self.min_target_tokens) & (n_src >= 1)
 
-    def ntp_loss(self, logits: Tensor, labels: Tensor, keep: Tensor | None = None) -> Tensor:
+    @staticmethod
+    def token_mask(keep: Tensor, labels: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        """``[B, T]`` bool: the positions of the kept rows (packed: of the kept records) in ``labels``' layout."""
+        if cu_seqlens is None:
+            return keep.unsqueeze(1).expand_as(labels)
+        return keep[record_index(cu_seqlens)].view_as(labels)
+
+    def ntp_loss(
+        self, logits: Tensor, labels: Tensor, keep: Tensor | None = None, cu_seqlens: Tensor | None = None
+    ) -> Tensor:
         """Token-mean fp32 cross-entropy over the non-ignored labels of the kept rows (all rows if ``keep`` is None).
 
         Dropped rows are masked out of the labels rather than sliced out of the logits (no copy of the logits); a
-        batch without any counted token gives 0, never 0/0.
+        batch without any counted token gives 0, never 0/0. Packed rows carry -100 on each record's first token (the
+        collator's job), so no record is predicted from the one before it.
         """
         if keep is not None:
-            labels = labels.masked_fill(~keep.unsqueeze(1), IGNORE_INDEX)
+            labels = labels.masked_fill(~self.token_mask(keep, labels, cu_seqlens), IGNORE_INDEX)
         total, count = lm_loss_sum(logits, labels)
         return total / count.clamp(min=1).float()
 
-    def pool(self, hidden: Tensor, span_ids: Tensor) -> Tensor:
-        """``[B, 2, D]`` fp32 means of ``hidden [B, T, D]`` over the source (index 0) and target (index 1) spans."""
+    def pool(self, hidden: Tensor, span_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        """``[B, 2, D]`` fp32 means of ``hidden [B, T, D]`` over the source (index 0) and target (index 1) spans.
+
+        Packed: ``hidden [1, total, D]``, ``span_ids [1, total]`` and ``cu_seqlens [R + 1]`` give ``[R, 2, D]``,
+        pooled on the packed layout in one read (``span_mean_pool(..., cu_seqlens=...)``).
+        """
         span_mean_pool = kernel_op("span_mean_pool")
-        means, _ = span_mean_pool(hidden, span_ids, NUM_SPANS, out_dtype=torch.float32, backend=self.cfg.kernel_backend)
+        if cu_seqlens is not None:
+            hidden, span_ids = hidden.reshape(-1, hidden.shape[-1]), span_ids.reshape(-1)
+        means, _ = span_mean_pool(
+            hidden,
+            span_ids,
+            NUM_SPANS,
+            cu_seqlens=cu_seqlens,
+            out_dtype=torch.float32,
+            backend=self.cfg.kernel_backend,
+        )
         return means
 
     def gather_candidates(self, emb: Tensor) -> Candidates:
@@ -299,13 +367,14 @@ class AlignXObjective:
             loss = 0.5 * (loss + self._info_nce(h_tgt, self.gather_candidates(h_src)))
         return self.cfg.ctr_scale * loss
 
-    def _info_nce(self, anchors: Tensor, cand: Candidates) -> Tensor:
+    def _info_nce(self, anchors: Tensor, cand: Candidates, reduction: str = "mean") -> Tensor:
         info_nce = kernel_op("info_nce")
         return info_nce(
             anchors,
             cand.embeddings,
             cand.positive_index,
             self.cfg.temperature,
+            reduction=reduction,
             num_grad_candidates=cand.num_grad,
             backend=self.cfg.kernel_backend,
         ).float()
@@ -322,9 +391,187 @@ class AlignXObjective:
         loss = head(emb, lang, include_self_pairs=self.cfg.include_self_pairs, backend=self.cfg.kernel_backend)
         return loss.float()
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Negatives across ranks and steps (objective.negatives = global | global+queue)
+
+    def _init_negatives(self) -> None:
+        """The data-parallel group and the queues of the global modes (nothing for ``local`` or plain NTP)."""
+        self.group: Any = None  # the data-parallel group; None = the default group
+        self.queue: NegativeQueue | None = None  # detached targets of earlier steps (x -> y candidates)
+        self.source_queue: NegativeQueue | None = None  # detached sources (y -> x candidates, symmetric)
+        self.last_candidates = 0  # candidates per anchor in the last forward (logged by the trainer)
+        cfg = self.cfg
+        if cfg.queue_size < 0:
+            raise ConfigError(f"objective.queue_size must be >= 0, got {cfg.queue_size}")
+        if cfg.negatives == "local" or not self.uses_head:
+            return
+        if not is_distributed():
+            raise ConfigError(
+                f"objective.negatives={cfg.negatives!r} gathers over the data-parallel ranks: start the process group "
+                "first (alignx.engine.init_distributed; one process is a group of 1), or use negatives='local'"
+            )
+        if cfg.negatives == "global+queue":
+            if cfg.queue_size < 1:
+                raise ConfigError("objective.negatives='global+queue' needs objective.queue_size >= 1")
+            self.queue = NegativeQueue(cfg.queue_size, name="targets")
+            if cfg.symmetric:
+                self.source_queue = NegativeQueue(cfg.queue_size, name="sources")
+
+    @property
+    def queues(self) -> dict[str, NegativeQueue]:
+        """The negatives queues by name (empty unless ``negatives='global+queue'``)."""
+        return {q.name: q for q in (self.queue, self.source_queue) if q is not None}
+
+    def _global_call(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        hidden_align: Tensor,
+        hidden_final: Tensor,
+        batch: Mapping[str, Tensor],
+        keep: Tensor,
+        head: nn.Module,
+    ) -> dict[str, Tensor]:
+        """All terms with the micro-step's batch over all ranks as the unit (module docstring, :mod:`alignx.dist`).
+
+        With ``W`` ranks, ``N = sum_r N_r`` kept rows and ``K`` counted tokens over all ranks, rank r returns::
+
+            ntp_r = (W / K) * (sum of its token losses)          -> mean_r ntp_r = the global token mean
+            ctr_r = (W / N) * (sum over its anchors of InfoNCE)  -> mean_r ctr_r = the global anchor mean
+            lam_r = lam over all (2N)^2 pairs of the gathered states (the same value on every rank)
+
+        so DeepSpeed's average of the ranks' gradients (with the summed backward of the gather) is the gradient of
+        the global objective, and the trainer's average of the logged terms is its value. The code path does not
+        depend on this rank's row count: every rank makes the same collectives, forward and backward.
+        """
+        if not is_distributed():
+            raise RuntimeError(f"objective.negatives={self.cfg.negatives!r} needs the process group it was built in")
+        span_ids, src_lang, tgt_lang = batch["span_ids"], batch["src_lang"], batch["tgt_lang"]
+        cu_seqlens = batch.get("cu_seqlens")
+        kept = keep.nonzero().squeeze(1)
+        n_kept = kept.numel()
+        masked = labels.masked_fill(~self.token_mask(keep, labels, cu_seqlens), IGNORE_INDEX)
+        ntp_sum, n_tokens = lm_loss_sum(logits, masked)
+        pooled_align = self.pool(hidden_align, span_ids, cu_seqlens)  # [B, 2, D] fp32
+        pooled_final = self.pool(hidden_final, shift_span_ids(span_ids, cu_seqlens), cu_seqlens)  # [B, 2, D] fp32
+
+        sizes = gather_sizes([n_kept, int(n_tokens)], device=logits.device, group=self.group)
+        ntp = ntp_sum * global_mean_scale(sizes, column=1)
+        # One gathered tensor for all four pooled states: a single collective with gradient, so every rank's backward
+        # makes exactly one (the same) collective whatever its row count.
+        local = torch.cat([pooled_align[kept], pooled_final[kept]], dim=1).flatten(1)  # [N_r, 4D]: x, y, e_x, e_y
+        gathered = all_gather_rows(local, sizes, group=self.group)  # [N, 4D], rows in rank order
+        langs = all_gather_rows(torch.stack([src_lang[kept], tgt_lang[kept]], 1), sizes, group=self.group)  # [N, 2]
+        x_all, y_all, ex_all, ey_all = gathered.split(pooled_align.shape[-1], dim=1)
+        # Every rank back-propagates through the gather (its backward is a collective), also with 0 local rows.
+        anchor = gathered.sum() * 0.0
+
+        ctr = self._global_contrastive(
+            pooled_align[kept, 0], pooled_align[kept, 1], x_all, y_all, langs, sizes, hidden_align.dtype
+        )
+        if sizes.total == 0:
+            # No kept row on any rank: a zero that still runs the head (same module sequence on every rank).
+            lam = self.language_matching_loss(pooled_final[:, 0], pooled_final[:, 1], src_lang, tgt_lang, head) * 0.0
+        else:
+            lam = self.language_matching_loss(ex_all, ey_all, langs[:, 0], langs[:, 1], head)
+        ctr = ctr + anchor
+        loss = ntp + self.cfg.lambda_ctr * ctr + self.cfg.lambda_lam * lam
+        return {
+            "loss": loss,
+            "ntp": ntp,
+            "ctr": ctr,
+            "lam": lam,
+            "rows_kept": torch.tensor(n_kept, device=labels.device),
+            "rows_dropped": torch.tensor(keep.numel() - n_kept, device=labels.device),
+        }
+
+    def _global_contrastive(
+        self,
+        h_src: Tensor,
+        h_tgt: Tensor,
+        x_all: Tensor,
+        y_all: Tensor,
+        langs: Tensor,
+        sizes: Any,
+        train_dtype: torch.dtype,
+    ) -> Tensor:
+        """``ctr_scale * (W / N) * sum over local anchors of InfoNCE`` against ``[gathered; queued]`` candidates.
+
+        ``h_src, h_tgt [N_r, D]`` local kept rows; ``x_all, y_all [N, D]`` gathered (this rank's rows at
+        ``sizes.offset``); ``langs [N, 2]`` their (source, target) languages. Anchor b's positive is candidate
+        ``offset + b``; the first ``N`` candidates (gathered) get gradients, the queued ones none. With a queue the
+        InfoNCE runs in the training dtype (the queue's), fp32 accumulation. Training forwards (grad enabled) stage
+        the gathered rows for :meth:`end_step`. 0 when there is no anchor or fewer than 2 candidates (reference).
+        """
+        n_total, n_local = sizes.total, h_src.shape[0]
+        directions = [(h_src, y_all, self.queue, langs[:, 1])]
+        if self.cfg.symmetric:
+            directions.append((h_tgt, x_all, self.source_queue, langs[:, 0]))
+        n_queued = self.queue.size if self.queue is not None else 0
+        self.last_candidates = n_total + n_queued
+        positive = sizes.offset + torch.arange(n_local, device=h_src.device)
+        total = h_src.new_zeros((), dtype=torch.float32)
+        for anchors, live, queue, live_langs in directions:
+            if n_total >= 1 and n_total + n_queued > 1:
+                if queue is None:
+                    cand = Candidates(live, positive, None)
+                else:
+                    queue.ensure(live.shape[1], train_dtype, live.device, live_rows=n_total)
+                    cand = Candidates(queue.candidates(live), positive, n_total)
+                    anchors = anchors.to(train_dtype)
+                total = total + self._info_nce(anchors, cand, reduction="sum")
+            if queue is not None and torch.is_grad_enabled():
+                queue.stage(live.detach(), live_langs)
+        scale = global_mean_scale(sizes) / len(directions)
+        return self.cfg.ctr_scale * scale * total
+
+    def end_step(self, step: int = -1) -> int:
+        """After an optimizer step: append the rows staged by its forwards to the queues; returns the rows added."""
+        return sum(q.commit(step) for q in self.queues.values())
+
+    def negatives_state(self) -> dict[str, Any] | None:
+        """The queues' state for a checkpoint (None without a queue); identical on every rank."""
+        queues = self.queues
+        return {name: q.state_dict() for name, q in queues.items()} if queues else None
+
+    def load_negatives_state(self, state: Mapping[str, Any] | None, device: torch.device | str | None = None) -> None:
+        """Restore :meth:`negatives_state` exactly; a queue missing from ``state`` (or a state without a queue in
+        this run) is an error, never a silent empty queue."""
+        queues = self.queues
+        names = set(state or {})
+        if names != set(queues):
+            raise ValueError(
+                f"the checkpoint holds negatives queues {sorted(names)}, this run uses {sorted(queues)} "
+                f"(objective.negatives={self.cfg.negatives!r}, symmetric={self.cfg.symmetric})"
+            )
+        for name, q in queues.items():
+            q.load_state_dict(state[name], device)
+
 
 def _need(batch: Mapping[str, Tensor], key: str) -> Tensor:
     value = batch.get(key)
     if value is None:
         raise ValueError(f"the batch has no {key!r} (keys: {sorted(batch)})")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# objective.kind -> objective class
+
+RECIPE_OBJECTIVES: dict[str, str] = {
+    "afp": "alignx.recipes.afp:AFPObjective",
+    "clmap": "alignx.recipes.clmap:CLMapObjective",
+}
+"""Objective classes of the recipes (``alignx.recipes``), as ``module:Class``; ``alignx`` and ``ntp`` are
+:class:`AlignXObjective`. Imported on use, so this module imports no recipe."""
+
+
+def build_objective(cfg: ObjectiveConfig, *, min_target_tokens: int = 3) -> AlignXObjective:
+    """The objective of ``cfg.kind``: :class:`AlignXObjective` or the recipe's subclass (:data:`RECIPE_OBJECTIVES`)."""
+    import importlib
+
+    target = RECIPE_OBJECTIVES.get(cfg.kind)
+    if target is None:
+        return AlignXObjective(cfg, min_target_tokens=min_target_tokens)
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(cfg, min_target_tokens=min_target_tokens)

@@ -26,10 +26,24 @@ Distributed semantics (data parallel, ``W`` ranks)
     floating-point summation order. ``tests/test_dist.py`` checks this with 2 processes.
   - 2 ranks x micro 2 and 1 rank x micro 4 are **different objectives**: with micro 4 each anchor has 3 negatives
     instead of 1, and the NTP token mean is taken over 4 records instead of 2 (so even plain next-token prediction
-    differs when lengths differ). Keep ``m`` fixed when scaling out. ``objective.negatives = "global"`` (the
-    candidates of all ranks' micro-batches of the same micro-step, gathered with gradients) makes the contrastive
-    candidate set independent of ``W``; :mod:`alignx.objective` refuses it until cross-rank gathering is in.
+    differs when lengths differ). Keep ``m`` fixed when scaling out.
   - The reference trains with ``m = 16`` on each of 8 GPUs: 16 candidates per anchor, not 128.
+* **Global negatives (``objective.negatives = "global"``).** The unit of the objective is the micro-step's batch over
+  all ranks, ``W m`` records: pooled states are gathered with gradients (:mod:`alignx.dist`), every anchor is
+  contrasted with the ``W m`` targets, language matching pairs all ``2 W m`` states and the NTP token mean runs over
+  all ranks' tokens. Each rank's loss is scaled so that DeepSpeed's average of the gradients is exactly the gradient
+  of that global objective: ``W`` ranks x micro ``m`` give the loss and the gradients of one process running the same
+  ``W m`` records as one micro-batch (``tests/test_dist_negatives.py``), also when the record filter leaves the ranks
+  with different numbers of rows. The logged terms are means over ranks, i.e. the global values.
+* **Negatives queue (``"global+queue"``).** The gathered targets (and sources, if symmetric) of every micro-step are
+  staged during the step and enter the FIFO queue after the optimizer step (:meth:`AlignXModel.end_step`), so all
+  micro-batches of a step see the same queue and the queue after step ``k`` holds the newest
+  ``min(queue_size, rows of steps 1..k)`` rows on every rank. It is saved once per checkpoint
+  (``negatives_queue.pt``, rank 0) and restored on resume exactly (same rows, same slots), so a resumed run continues
+  the uninterrupted one step for step. Evaluation uses the queue as it stands and never adds to it.
+* **Packing (``data.packing``).** Each micro-batch (the same ``m`` records) is one row without padding; every term is
+  the padded batch's (``tests/test_packing.py``). ``train/padding_fraction`` and ``train/positions_per_step`` show
+  what the layout costs: positions processed per optimizer step (all ranks) and the share of them that is padding.
 * **Evaluation** runs every ``train.eval_every`` steps on the held-out rows, cut into micro-batches of ``m`` in a
   fixed seeded order (the same micro-batches for any ``W`` at a fixed ``m``), padded cyclically so every rank runs
   the same number of forwards (ZeRO-3 needs it); reported terms are means over those micro-batches.
@@ -76,6 +90,7 @@ __all__ = ["RunResult", "Trainer", "TrainingError"]
 MEAN_TERMS = ("loss", "ntp", "ctr", "lam")
 COUNT_TERMS = ("rows_kept", "rows_dropped")
 ROW_COLUMNS = ["input_ids", "labels", "span_ids", "src_lang", "tgt_lang"]
+NEGATIVES_FILE = "negatives_queue"  # <checkpoint>/negatives_queue.pt, written once (identical on every rank)
 
 
 class TrainingError(RuntimeError):
@@ -145,6 +160,11 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.dist: DistInfo | None = None
         self._bar: Any = None
+        from alignx.recipes import data_hooks
+
+        # A recipe's own records, columns, collator and batch order (alignx.recipes; None = the shared pipeline).
+        self.recipe = data_hooks(cfg)
+        self._order_rows: Any = None
 
     # ------------------------------------------------------------------------------------------------------------
     # The story
@@ -251,6 +271,8 @@ class Trainer:
         from alignx.data import prepare_stage1, prepare_stage2
 
         prepare = prepare_stage1 if self.stage == 1 else prepare_stage2
+        if self.recipe is not None:
+            prepare = self.recipe.prepare
         assert self.dist is not None
         return prepare(
             self.cfg,
@@ -284,12 +306,34 @@ class Trainer:
             f"[train] stage {self.stage}: {plan.n_train} training records, {plan.n_eval} held out; "
             f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x {ws} ranks x {plan.grad_accum} "
             f"accumulation; {plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps; "
-            f"ZeRO-{self.cfg.engine.zero_stage} {self.cfg.engine.precision}; run directory {self.run_dir}"
+            f"ZeRO-{self.cfg.engine.zero_stage} {self.cfg.engine.precision}; {self._layout_text(ws)}; "
+            f"run directory {self.run_dir}"
         )
 
-    def _collator(self, tokenizer: Any) -> Any:
-        from alignx.data import Collator
+    def _layout_text(self, world_size: int) -> str:
+        """Negatives per anchor and the batch layout, in words (docs/negatives.md)."""
+        obj, m = self.cfg.objective, self.cfg.train.micro_batch_size
+        if obj.kind == "ntp":
+            negatives = "no contrastive term"
+        elif obj.negatives == "local":
+            negatives = f"negatives: local ({m} candidates per anchor)"
+        elif obj.negatives == "global":
+            negatives = f"negatives: global ({m * world_size} candidates per anchor, gathered over {world_size} ranks)"
+        else:
+            negatives = (
+                f"negatives: global+queue ({m * world_size} gathered + up to {obj.queue_size} queued per anchor, "
+                f"{'queues of targets and sources' if obj.symmetric else 'queue of targets'})"
+            )
+        layout = "packed (no padding)" if self.cfg.data.packing else f"{self.cfg.data.padding_side}-padded"
+        return f"{negatives}; {layout} micro-batches"
 
+    def _collator(self, tokenizer: Any) -> Any:
+        from alignx.data import Collator, PackedCollator
+
+        if self.recipe is not None and self.recipe.collator is not None:
+            return self.recipe.collator(tokenizer, self.cfg)
+        if self.cfg.data.packing:
+            return PackedCollator()
         return Collator(tokenizer, padding_side=self.cfg.data.padding_side, pad_to_multiple_of=8)
 
     def _resume(self, engine: Engine, plan: Plan, tag: str | None) -> int:
@@ -306,6 +350,13 @@ class Trainer:
                     "the data order would not continue (same data and global batch are needed to resume)"
                 )
         step = int(client["step"])
+        if client.get("negatives_queue"):
+            engine.module.load_negatives_state(engine.load_shared(root, name, NEGATIVES_FILE), engine.device)
+        elif engine.module.negatives_state() is not None:
+            raise TrainingError(
+                f"checkpoint {root / name} holds no negatives queue but this run uses objective.negatives="
+                f"{self.cfg.objective.negatives!r}; resume with the checkpoint's objective settings"
+            )
         self._say(f"[train] stage {self.stage}: resumed from {root / name} at step {step}")
         return step
 
@@ -316,6 +367,8 @@ class Trainer:
         from alignx.data import micro_batches
 
         assert self.dist is not None
+        if self.recipe is not None and self.recipe.micro_batches is not None:  # e.g. clmap: language-balanced
+            micro_batches, lengths = self.recipe.micro_batches, self._order_rows
         return micro_batches(
             lengths,
             self.cfg.train.micro_batch_size,
@@ -342,8 +395,9 @@ class Trainer:
 
         assert self.dist is not None
         t = self.cfg.train
-        train = data.train.select_columns(ROW_COLUMNS)
+        train = data.train.select_columns(self._row_columns())
         lengths = list(data.train["length"])
+        self._order_rows = data.train
         epoch_batches: tuple[int, list[list[int]]] | None = None
         window = _Window(self._unused_terms())
         history: dict[str, Any] = {"interrupted": False, "step": start, "train": [], "eval": [], "start": start}
@@ -403,6 +457,8 @@ class Trainer:
         self, engine: Engine, train: Any, micro: list[list[int]], collate: Any, window: _Window, step: int
     ) -> None:
         """``grad_accum`` micro-batches: forward, backward, and the optimizer step at the last one."""
+        from alignx.data import batch_tokens
+
         for idx in micro:
             cols = train[idx]
             rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
@@ -410,13 +466,21 @@ class Trainer:
             out = engine(batch)
             engine.backward(out["loss"])
             engine.step()
-            window.add(out, int(batch["attention_mask"].sum()))
+            window.add(out, *batch_tokens(batch))
+        # The step's gathered embeddings enter the negatives queue now, after the update (a no-op without a queue).
+        engine.module.end_step(step + 1)
+        window.candidates.append(engine.module.objective.last_candidates)
         window.steps += 1
         norm = engine.grad_norm
         if norm is not None:
             window.grad_norm.append(norm)
 
+    def _row_columns(self) -> list[str]:
+        return ROW_COLUMNS + list(self.recipe.extra_columns) if self.recipe is not None else ROW_COLUMNS
+
     def _unused_terms(self) -> tuple[str, ...]:
+        if self.recipe is not None:
+            return self.recipe.unused_terms
         return ("ctr", "lam") if self.cfg.objective.kind == "ntp" else ()
 
     def _check_finite(self, engine: Engine, window: _Window, step: int) -> None:
@@ -446,10 +510,10 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, engine: Engine, eval_ds: Any, collate: Any) -> dict[str, float]:
         """Mean of every term over the held-out micro-batches of all ranks."""
-        from alignx.data import micro_batches
+        from alignx.data import batch_tokens, micro_batches
 
         assert self.dist is not None
-        ds = eval_ds.select_columns(ROW_COLUMNS)
+        ds = eval_ds.select_columns(self._row_columns())
         batches = micro_batches(
             list(eval_ds["length"]),
             self.cfg.train.micro_batch_size,
@@ -465,10 +529,11 @@ class Trainer:
         for idx in batches:
             cols = ds[idx]
             batch = collate([dict(zip(cols, values)) for values in zip(*cols.values())])
-            window.add(engine(batch), int(batch["attention_mask"].sum()))
+            window.add(engine(batch), *batch_tokens(batch))
         engine.train()
         row = window.reduce(self.dist, None, prefix="eval")
-        row.pop("eval/tokens_per_s", None)
+        for key in ("tokens_per_s", "positions_per_step", "padding_fraction"):
+            row.pop(f"eval/{key}", None)
         return row
 
     def _checkpoint(self, engine: Engine, plan: Plan, step: int) -> None:
@@ -483,7 +548,10 @@ class Trainer:
             "stage": self.stage,
             "seed": self.cfg.train.seed,
         }
-        engine.save_checkpoint(self.ckpt_dir, f"step_{step}", client)
+        queue = engine.module.negatives_state()
+        client["negatives_queue"] = queue is not None
+        shared = {NEGATIVES_FILE: queue} if queue is not None else None
+        engine.save_checkpoint(self.ckpt_dir, f"step_{step}", client, shared=shared)
         if self.dist.is_main:
             prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
 
@@ -550,14 +618,16 @@ class _Window:
         self.sums = dict.fromkeys(MEAN_TERMS + COUNT_TERMS, 0.0)
         self.micro = 0
         self.tokens = 0
+        self.positions = 0  # token slots processed (padding included)
         self.steps = 0
+        self.candidates: list[int] = []  # contrastive candidates per anchor, last micro-batch of each step
         self.lr: list[float] = []
         self.grad_norm: list[float] = []
         self.present: set[str] = set()
         self.last_loss = float("nan")
         self.t0 = time.time()
 
-    def add(self, out: dict[str, torch.Tensor], tokens: int) -> None:
+    def add(self, out: dict[str, torch.Tensor], tokens: int, positions: int | None = None) -> None:
         for key in MEAN_TERMS + COUNT_TERMS:
             if key in out and key not in self.skip:
                 self.sums[key] += float(out[key].detach().float().item())
@@ -565,23 +635,30 @@ class _Window:
         self.last_loss = float(out["loss"].detach().float().item())
         self.micro += 1
         self.tokens += tokens
+        self.positions += tokens if positions is None else positions
 
     def reduce(self, info: DistInfo, engine: Engine | None, prefix: str = "train") -> dict[str, float]:
         """Means over all ranks' micro-batches (sums for counts); resets the window."""
         keys = MEAN_TERMS + COUNT_TERMS
-        vec = torch.tensor([self.sums[k] for k in keys] + [self.micro, self.tokens], dtype=torch.float64)
+        extra = [self.micro, self.tokens, self.positions]
+        vec = torch.tensor([self.sums[k] for k in keys] + extra, dtype=torch.float64)
         if info.world_size > 1:
             vec = vec.to(info.device)
             dist.all_reduce(vec)
             vec = vec.cpu()
         values = vec.tolist()
-        micro, tokens = values[-2], values[-1]
+        micro, tokens, positions = values[-3:]
         elapsed = max(time.time() - self.t0, 1e-9)
         row = {}
         for k, v in zip(keys, values):
             if k in self.present:
                 row[f"{prefix}/{k}"] = v / max(micro, 1) if k in MEAN_TERMS else v
         row[f"{prefix}/tokens_per_s"] = tokens / elapsed
+        if self.steps > 0:
+            row[f"{prefix}/positions_per_step"] = positions / self.steps
+            row[f"{prefix}/padding_fraction"] = 1.0 - tokens / max(positions, 1.0)
+        if self.candidates and self.candidates[-1] > 0:  # global modes: the same on every rank
+            row[f"{prefix}/candidates"] = float(self.candidates[-1])
         if engine is not None:
             if self.lr:
                 row[f"{prefix}/lr"] = self.lr[-1]

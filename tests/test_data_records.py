@@ -263,9 +263,3 @@ def test_slow_tokenizer_or_missing_eos_is_rejected() -> None:
     tok.eos_token = None
     with pytest.raises(DataError, match="no eos_token"):
         Encoder(tok)
-
-
-def test_unsupported_packing_is_an_error_not_ignored(tmp_path: Path) -> None:
-    path = write_pairs_jsonl(tmp_path / "pairs.jsonl", 4)
-    with pytest.raises(DataError, match="data.packing"):
-        prepare_stage1(_cfg(tmp_path, **{"data.packing": True}), test_tokenizer(), train_file=path, verbose=False)

@@ -329,7 +329,6 @@ def test_shift_span_ids_and_lm_loss_sum() -> None:
     "field,value,match",
     [
         ("kind", "afp", "objective.kind"),
-        ("negatives", "global", "objective.negatives"),
         ("temperature", 0.0, "tau|temp"),
     ],
 )

@@ -12,10 +12,11 @@ Stage 1 (translation pairs with source/target spans) and stage 2 (instructions):
 
 Modules: :mod:`~alignx.data.records` (reading, validation, drop reasons), :mod:`~alignx.data.prompt` (templates),
 :mod:`~alignx.data.tokenize` (spans from offsets, truncation, labels, cached ``datasets`` preprocessing),
-:mod:`~alignx.data.collate`, :mod:`~alignx.data.sampler` (length-grouped, rank-aware order).
+:mod:`~alignx.data.collate` (padded, or packed into one row per micro-batch with ``data.packing``),
+:mod:`~alignx.data.sampler` (length-grouped, rank-aware order).
 """
 
-from alignx.data.collate import Collator
+from alignx.data.collate import Collator, PackedCollator, batch_tokens
 from alignx.data.prompt import ALPACA, Rendered, Template, instruction_text, load_template
 from alignx.data.records import DROP_REASONS, DataError, iter_jsonl, normalize_stage1, normalize_stage2, read_jsonl
 from alignx.data.sampler import epoch_order, length_grouped_order, micro_batches, steps_per_epoch
@@ -27,10 +28,12 @@ __all__ = [
     "Collator",
     "DataError",
     "Encoder",
+    "PackedCollator",
     "Prepared",
     "Rendered",
     "Template",
     "epoch_order",
+    "batch_tokens",
     "format_report",
     "instruction_text",
     "iter_jsonl",

@@ -1,8 +1,12 @@
-"""Collation of tokenised rows into padded tensors (the reference pads on the left, to a multiple of 8).
+"""Collation of tokenised rows into padded tensors (the reference pads on the left, to a multiple of 8), or into one
+packed row (``data.packing``).
 
 With left padding, position ``T - 1`` is the last real token of every row (the official filter relies on it);
 right padding is available for models or kernels that prefer it. The span ids are padded with 0 (no span), the
 labels with -100 (ignored by the LM loss), the attention mask with 0.
+
+Packing (:class:`PackedCollator`) concatenates the micro-batch's records into one row of ``total = sum_b len_b``
+positions: no padding at all, so the model spends no compute on padding (:func:`batch_tokens` counts both).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Collator"]
+__all__ = ["Collator", "PackedCollator", "batch_tokens"]
 
 _IGNORE = -100
 
@@ -100,3 +104,61 @@ class Collator:
         if self.return_position_ids:
             batch["position_ids"] = position_ids
         return batch
+
+
+class PackedCollator:
+    """``rows -> {input_ids, labels, span_ids, position_ids: [1, total], cu_seqlens [B + 1], src/tgt_lang [B]}``.
+
+    Record ``b`` occupies positions ``[c_b, c_{b+1})`` of the one row, ``c = cu_seqlens`` (int32, ``c_0 = 0``,
+    ``c_B = total``), in the order given. ``position_ids`` restart at 0 at every ``c_b`` (RoPE positions as if the
+    record were alone); there is no ``attention_mask``: the model keeps records apart from the position-id restarts
+    (block-diagonal causal mask) or from ``cu_seqlens`` (FlashAttention varlen), see :mod:`alignx.model`. The label
+    of each record's first token is -100, so no record is predicted from the end of the previous one (a record's
+    first token is never a target in the padded layout either). ``span_ids`` are the records' own. Nothing is
+    padded, so no pad token is needed.
+    """
+
+    def __call__(self, rows: list[dict[str, Any]] | dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        if isinstance(rows, dict):
+            keys = list(rows)
+            rows = [dict(zip(keys, values)) for values in zip(*rows.values())]
+        if not rows:
+            raise ValueError("PackedCollator got an empty list of rows")
+        ids, labels, spans, positions, lengths = [], [], [], [], []
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            if n == 0:
+                raise ValueError(f"row {i} has no tokens")
+            for key in ("labels", "span_ids"):
+                if key in row and len(row[key]) != n:
+                    raise ValueError(f"row {i}: len({key})={len(row[key])} != len(input_ids)={n}")
+            lab = torch.as_tensor(row.get("labels", row["input_ids"]), dtype=torch.long).clone()
+            lab[0] = _IGNORE
+            ids.append(torch.as_tensor(row["input_ids"], dtype=torch.long))
+            labels.append(lab)
+            spans.append(
+                torch.as_tensor(row["span_ids"], dtype=torch.long)
+                if "span_ids" in row
+                else torch.zeros(n, dtype=torch.long)
+            )
+            positions.append(torch.arange(n))
+            lengths.append(n)
+        cu_seqlens = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths), 0)
+        return {
+            "input_ids": torch.cat(ids).unsqueeze(0),
+            "labels": torch.cat(labels).unsqueeze(0),
+            "span_ids": torch.cat(spans).unsqueeze(0),
+            "position_ids": torch.cat(positions).unsqueeze(0),
+            "cu_seqlens": cu_seqlens,
+            "src_lang": torch.as_tensor([int(r.get("src_lang", -1)) for r in rows], dtype=torch.long),
+            "tgt_lang": torch.as_tensor([int(r.get("tgt_lang", -1)) for r in rows], dtype=torch.long),
+        }
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """``(real tokens, positions processed)`` of a collated batch: ``attention_mask.sum()`` and ``B * T`` for a
+    padded batch, ``total`` twice for a packed one. ``1 - tokens / positions`` is the padding fraction."""
+    positions = int(batch["input_ids"].numel())
+    mask = batch.get("attention_mask")
+    return (int(mask.sum()) if mask is not None else positions), positions

@@ -27,7 +27,9 @@ steps and ``G = m * W * A`` the global batch (records per optimizer step).
    contrastive negatives, so changing ``m`` or ``W`` at a fixed ``G`` keeps each step's records but changes
    which records are negatives of which: the contrastive and language-matching losses (and so the gradients)
    then differ, the LM loss does not. With ``"global"`` the candidates are all micro-batches of the same
-   micro-step on all ranks.
+   micro-step on all ranks (``W m`` consecutive records of the order): the objective then depends only on ``m W``,
+   and is the same as one process with micro-batch ``m W`` (docs/negatives.md). Packing (``data.packing``) changes
+   only the layout of a micro-batch, never which records it holds.
 5. **Resume.** The list is a pure function of its arguments: after ``s`` optimizer steps of an epoch, a rank
    resumes at ``micro_batches(...)[s * A:]``.
 """

@@ -458,8 +458,6 @@ def _prepare(
 ) -> Prepared:
     from filelock import FileLock
 
-    if cfg.data.packing:
-        raise DataError("data.packing=true is not supported by alignx.data yet; set data.packing=false")
     cache = _cache_dir(cfg, cache_dir)
     num_proc = max(1, cfg.data.num_proc)
     show = verbose and _is_main_process()

@@ -1,0 +1,300 @@
+"""Cross-lingual mapping in continued pre-training (Zheng et al., arXiv 2604.10590), as an alignx recipe.
+
+Continued pre-training on two kinds of rows, in language-balanced batches:
+
+- **mapping** rows: a parallel pair rendered as ``"{Src}: {x}\\n{Tgt}: {y}"`` (English language names), so that
+  the model, given the source-language sequence, generates its target-language counterpart; both directions of
+  every pair are written (``x -> y`` and ``y -> x``);
+- **monolingual** rows: one text alone (BOS, text, EOS), plain next-token prediction.
+
+The objective is next-token prediction over the counted labels of the micro-batch (token mean)::
+
+    L = - (1 / |C|) * sum over counted positions t of log p(token_{t+1} | tokens_<=t)
+
+where mapping rows count their target tokens and EOS (``data.labels = "response"``: ``-log p(y | x)``, the
+conditional generation the paper describes) or every token (``"all"``), and monolingual rows count every token.
+The paper does not publish its template, whether the source tokens are in the loss, nor its loss weights; the plain
+template above and the response-only default are this recipe's choices.
+
+**Mix ratio** (``mix_ratio``, the share of mapping rows among all rows) is fixed when the records are built
+(:func:`build_records`); **language balance** is enforced when they are batched: :func:`balanced_micro_batches`
+interleaves the strata (one per mapping direction and one per monolingual language) so that every micro-batch holds
+each stratum in proportion to its size, within one row. With the records of :func:`build_records` (equal counts per
+direction and per language) every micro-batch is balanced across languages and holds the mix ratio.
+
+Records (JSONL)::
+
+    {"kind": "map", "src_text": "Hapo mwanzo ...", "tgt_text": "In the beginning ...",
+     "src_lang": "sw", "tgt_lang": "en"}
+    {"kind": "mono", "text": "Hapo mwanzo ...", "lang": "sw"}
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from alignx.objective import AlignXObjective
+from alignx.recipes import DataHooks
+from alignx.recipes.data import Segment, SegmentTokenizer, labels_for, prepare_records
+
+if TYPE_CHECKING:
+    from alignx.config import Config
+    from alignx.data import Prepared
+    from alignx.data.sources import Unit
+
+__all__ = [
+    "DATA_HOOKS",
+    "DROP_REASONS",
+    "CLMapObjective",
+    "balanced_micro_batches",
+    "balanced_order",
+    "build_records",
+    "mapping_segment",
+    "prepare",
+]
+
+KINDS = ("map", "mono")
+DROP_REASONS: dict[str, str] = {
+    "missing_field": "a required field is absent or null",
+    "bad_field_type": "a text field is not a string or a language field is not a code",
+    "bad_kind": "'kind' is not 'map' or 'mono'",
+    "unknown_language": "a language code is not in alignx.languages.LANGUAGES",
+    "same_language": "a mapping record whose source and target languages are the same",
+    "empty_source": "the source (mapping) or the text (monolingual) is empty or whitespace",
+    "empty_target": "the target of a mapping record is empty or whitespace",
+    "short_target": "fewer than data.min_target_tokens target tokens survive truncation (mapping)",
+}
+"""Every reason a cross-lingual-mapping record is dropped."""
+
+
+def mapping_segment(src_text: str, tgt_text: str, src_lang: str, tgt_lang: str) -> Segment:
+    """``"{Src}: {x}\\n{Tgt}: {y}"`` with the character ranges of ``x`` (source) and ``y`` (target)."""
+    from alignx.languages import lang_name
+
+    head = f"{lang_name(src_lang)}: "
+    mid = f"\n{lang_name(tgt_lang)}: "
+    start_y = len(head) + len(src_text) + len(mid)
+    return Segment(
+        head + src_text + mid + tgt_text, (len(head), len(head) + len(src_text)), (start_y, start_y + len(tgt_text))
+    )
+
+
+def _normalize(rec: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    from alignx.languages import lang_id
+
+    kind = rec.get("kind")
+    if kind is None:
+        return {}, "missing_field"
+    if kind not in KINDS:
+        return {}, "bad_kind"
+    keys = ("src_text", "tgt_text", "src_lang", "tgt_lang") if kind == "map" else ("text", "lang")
+    row: dict[str, Any] = {"kind": kind}
+    for key in keys:
+        value = rec.get(key)
+        if value is None:
+            return row, "missing_field"
+        if not isinstance(value, str):
+            return row, "bad_field_type"
+        row[key] = value
+    try:
+        if kind == "map":
+            row["src_id"], row["tgt_id"] = lang_id(row["src_lang"]), lang_id(row["tgt_lang"])
+        else:
+            row["src_id"] = row["tgt_id"] = lang_id(row["lang"])
+    except ValueError:
+        return row, "unknown_language"
+    if kind == "map":
+        if row["src_id"] == row["tgt_id"]:
+            return row, "same_language"
+        if not row["src_text"].strip():
+            return row, "empty_source"
+        if not row["tgt_text"].strip():
+            return row, "empty_target"
+    elif not row["text"].strip():
+        return row, "empty_source"
+    return row, ""
+
+
+def _encoder(labels: str, min_target_tokens: int):
+    def encode(rows: list[dict[str, Any]], tok: SegmentTokenizer) -> list[tuple[dict[str, Any], str]]:
+        segments = [
+            mapping_segment(r["src_text"], r["tgt_text"], r["src_lang"], r["tgt_lang"])
+            if r["kind"] == "map"
+            else Segment(r["text"])
+            for r in rows
+        ]
+        out: list[tuple[dict[str, Any], str]] = []
+        for row, t in zip(rows, tok(segments)):
+            if row["kind"] == "map" and t.count(2) < min_target_tokens:
+                out.append(({}, "short_target"))
+                continue
+            out.append(
+                (
+                    {
+                        "input_ids": t.ids,
+                        "labels": labels_for(t, labels if row["kind"] == "map" else "all"),
+                        "span_ids": t.regions.astype("int64").tolist(),
+                        "src_lang": row["src_id"],
+                        "tgt_lang": row["tgt_id"],
+                        "length": len(t.ids),
+                    },
+                    "",
+                )
+            )
+        return out
+
+    return encode
+
+
+def prepare(
+    cfg: Config,
+    tokenizer: Any,
+    *,
+    train_file: str | Path,
+    eval_file: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    verbose: bool = True,
+) -> Prepared:
+    """Mapping and monolingual records -> rows (``span_ids``: 1 source, 2 target on mapping rows, 0 elsewhere;
+    monolingual rows have ``src_lang = tgt_lang``). ``cache_dir`` is accepted for the trainer's signature."""
+    return prepare_records(
+        cfg,
+        tokenizer,
+        name="clmap",
+        normalize=_normalize,
+        encode=_encoder(cfg.data.labels, cfg.data.min_target_tokens),
+        reasons=DROP_REASONS,
+        train_file=train_file,
+        eval_file=eval_file,
+        verbose=verbose,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Language-balanced batches
+
+
+def balanced_order(strata: Sequence[Any], *, seed: int, epoch: int) -> list[int]:
+    """A permutation of ``range(len(strata))`` in which every window holds each stratum in proportion to its size.
+
+    Each stratum's indices are shuffled (``torch.randperm`` seeded ``seed + epoch``), then interleaved by largest
+    deficit: position ``p`` takes the stratum ``s`` maximising ``(p + 1) * n_s / n - taken_s`` (ties: the stratum
+    seen first). Any window of ``w`` consecutive positions then holds ``w * n_s / n`` rows of ``s`` up to one row.
+    """
+    groups: dict[Any, list[int]] = {}
+    for i, s in enumerate(strata):
+        groups.setdefault(s, []).append(i)
+    if not groups:
+        return []
+    gen = torch.Generator().manual_seed(int(seed) + int(epoch))
+    keys = list(groups)
+    shuffled = [[groups[k][j] for j in torch.randperm(len(groups[k]), generator=gen).tolist()] for k in keys]
+    n = len(strata)
+    sizes = [len(g) for g in shuffled]
+    taken = [0] * len(keys)
+    order = []
+    for p in range(n):
+        deficits = [
+            (p + 1) * sizes[s] / n - taken[s] if taken[s] < sizes[s] else float("-inf") for s in range(len(keys))
+        ]
+        s = max(range(len(keys)), key=deficits.__getitem__)
+        order.append(shuffled[s][taken[s]])
+        taken[s] += 1
+    return order
+
+
+def balanced_micro_batches(
+    dataset: Any,
+    micro_batch_size: int,
+    *,
+    world_size: int,
+    rank: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = False,
+    drop_last: bool = True,
+    grad_accum: int = 1,
+) -> list[list[int]]:
+    """:func:`alignx.data.micro_batches` with a language-balanced order instead of a (length-grouped) shuffle.
+
+    The strata are the ``(src_lang, tgt_lang)`` of the rows: one per mapping direction, one per monolingual language.
+    The order is :func:`balanced_order` (a function of the rows and ``seed + epoch`` only); the rest is the shared
+    semantics: the epoch keeps ``floor(n / G) * G`` positions (``drop_last``) or pads cyclically, global micro-batch
+    ``k`` is positions ``[k m, (k + 1) m)``, rank ``r`` runs ``k = r, r + W, ...``. ``group_by_length`` is ignored
+    (balance decides the batches).
+    """
+    for name, value in (("micro_batch_size", micro_batch_size), ("world_size", world_size), ("grad_accum", grad_accum)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    strata = list(zip(dataset["src_lang"], dataset["tgt_lang"]))
+    n = len(strata)
+    global_batch = micro_batch_size * world_size * grad_accum
+    if n == 0 or (drop_last and n < global_batch):
+        raise ValueError(f"{n} records are fewer than one global batch of {global_batch}")
+    order = balanced_order(strata, seed=seed, epoch=epoch)
+    if drop_last:
+        order = order[: (n // global_batch) * global_batch]
+    else:
+        order = order + order[: (-n) % global_batch]
+    m = micro_batch_size
+    return [order[k * m : (k + 1) * m] for k in range(rank, len(order) // m, world_size)]
+
+
+DATA_HOOKS = DataHooks(prepare=prepare, micro_batches=balanced_micro_batches, unused_terms=("ctr", "lam"))
+
+
+class CLMapObjective(AlignXObjective):
+    """Next-token prediction over the counted labels (the module docstring's ``L``): the shared objective's NTP
+    term alone, registered under ``objective.kind = "clmap"``."""
+
+    kinds = ("clmap",)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building records from aligned units
+
+
+def build_records(
+    units: Sequence[Unit], *, pivot: str = "en", mix_ratio: float = 0.5, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Mapping and monolingual records from aligned units, shuffled.
+
+    Mapping: for each unit and each non-pivot language X, ``pivot -> X`` and ``X -> pivot``. Monolingual: each
+    language's side of the units, ``round(M (1 - r) / r)`` rows in all for ``M`` mapping rows and ``r = mix_ratio``
+    (so mapping rows are the share ``r`` of all rows), split equally over the languages, drawn without replacement
+    (cycling through a language's texts only if it has fewer than its share). No text outside the units is used.
+    """
+    if not 0.0 < mix_ratio <= 1.0:
+        raise ValueError(f"mix_ratio must be in (0, 1], got {mix_ratio}")
+    rng = random.Random(seed)
+    mapping, sides = [], {}
+    for unit in units:
+        if pivot not in unit.texts:
+            continue
+        for x, text in unit.texts.items():
+            sides.setdefault(x, []).append(text)
+            if x == pivot:
+                continue
+            for src, tgt in ((pivot, x), (x, pivot)):
+                mapping.append(
+                    {"kind": "map", "src_text": unit.texts[src], "tgt_text": unit.texts[tgt], "src_lang": src,
+                     "tgt_lang": tgt}
+                )  # fmt: skip
+    mono = []
+    total = round(len(mapping) * (1.0 - mix_ratio) / mix_ratio)
+    langs = sorted(sides)
+    for i, lang in enumerate(langs):
+        share = total // len(langs) + (1 if i < total % len(langs) else 0)
+        texts = list(dict.fromkeys(sides[lang]))
+        rng.shuffle(texts)
+        mono += [{"kind": "mono", "text": texts[j % len(texts)], "lang": lang} for j in range(share)]
+    out = mapping + mono
+    rng.shuffle(out)
+    return out

@@ -1,0 +1,207 @@
+"""The benchmark suite, at tiny shapes: the harness's statistics, memory method, search and verdict logic, and every
+script end to end (rows, skips with reasons, providers that compute the same function, verdicts, the report).
+
+Nothing here is a speed test: no timing is a pass/fail criterion. The memory method is checked against a known
+allocation because a method that cannot see an op's allocations would make every memory claim meaningless.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_benchmarks():
+    """Import the repository's ``benchmarks`` package by path (conftest keeps the repo root off sys.path)."""
+    if "benchmarks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks", REPO / "benchmarks" / "__init__.py", submodule_search_locations=[str(REPO / "benchmarks")]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = module
+        spec.loader.exec_module(module)
+    import benchmarks.harness as harness
+
+    return harness
+
+
+harness = _import_benchmarks()
+from benchmarks import bench_info_nce, bench_lang_match, bench_span_pool, bench_step, report  # noqa: E402
+
+COMMON = ["--tiny", "--no-memory", "--skip-compile", "--threads", "1"]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every script once at its tiny shape into one results folder (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("bench-results")
+    args = [*COMMON, "--out-dir", str(out), "--run-id", "test-run"]
+    for module in (bench_span_pool, bench_info_nce, bench_lang_match):
+        assert module.main(args) == 0
+    step_args = ["--tiny", "--no-memory", "--no-search", "--threads", "1", "--rounds", "1"]
+    assert bench_step.main([*step_args, "--out-dir", str(out), "--run-id", "test-run"]) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Harness pieces
+
+
+def test_quantiles_interpolate_order_statistics() -> None:
+    t = harness.quantiles([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.n) == (3.0, 1.8, 4.2, 5)
+    one = harness.quantiles([7.0])
+    assert (one.median_ms, one.p20_ms, one.p80_ms, one.n) == (7.0, 7.0, 7.0, 1)
+    with pytest.raises(ValueError):
+        harness.quantiles([])
+
+
+def test_cpu_sampling_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counts only: a fast call is warmed up and sampled min_reps times; a slow first call counts as a sample."""
+    calls = []
+    policy = harness.TimingPolicy(min_reps=3, max_reps=3, budget_s=0.0)
+    fast = harness.time_callable(lambda: calls.append(1), "cpu", policy=policy)
+    assert fast.n == 3 and len(calls) == 4  # one uncounted warm-up
+    monkeypatch.setattr(harness, "SLOW_S", 0.0)  # every call is "slow": the first one counts, 2 samples in all
+    calls.clear()
+    slow = harness.time_callable(lambda: calls.append(1), "cpu", policy=policy)
+    assert slow.n == 2 and len(calls) == 2
+    calls.clear()
+    forced = harness.time_callable(lambda: calls.append(1), "cpu", policy=policy, force_warmup=True)
+    assert forced.n == 3 and len(calls) == 4  # torch.compile providers: the first call never counts
+
+
+def test_memory_method_sees_a_known_peak() -> None:
+    """Fresh process + MALLOC_MMAP_THRESHOLD_ + clear_refs: two live 64 MiB tensors and a 64 MiB gradient (which is
+    subtracted) must read as 128 MiB of extra memory."""
+    nbytes = 64 << 20
+    res = harness.run_subprocess_job(
+        "benchmarks.harness", "calibration_job", {"nbytes": nbytes}, timeout=120, memory_env=True, threads=1
+    )
+    assert res["status"] == "ok", res
+    assert abs(res["bytes"] - 2 * nbytes) < 6 << 20, res
+    assert res["method"] == harness.METHOD_CPU
+
+
+def test_max_rel_err_and_upstream_grad() -> None:
+    import torch
+
+    a, b = torch.tensor([1.0, -4.0]), torch.tensor([1.0, -3.0])
+    assert harness.max_rel_err([a], [b]) == pytest.approx(1 / 3)
+    assert harness.upstream_grad(torch.zeros(())) is None
+    g1, g2 = harness.upstream_grad(torch.zeros(3, 4)), harness.upstream_grad(torch.ones(3, 4))
+    assert torch.equal(g1, g2) and g1.std() > 0  # seeded, identical for every provider
+    with pytest.raises(ValueError):
+        harness.max_rel_err([a], [torch.zeros(3)])
+
+
+def _row(provider: str, **kw) -> harness.Row:
+    return harness.Row(shape="s", provider=provider, mode="full", status="ok", **kw)
+
+
+def test_ratio_verdicts() -> None:
+    rows = [_row("alignx", time_ms=1.0, extra_mem_mb=5.0), _row("dense", time_ms=2.0, extra_mem_mb=100.0)]
+    alignx, dense = harness.lookup(rows, "s", "alignx"), harness.lookup(rows, "s", "dense")
+    v = harness.ratio_verdict("mem", alignx, dense, "extra_mem_mb", at_most=0.1)
+    assert (v.verdict, v.measured) == ("PASS", 0.05)
+    v = harness.ratio_verdict("speed", dense, alignx, "time_ms", at_least=50, why_if_miss="because")
+    assert (v.verdict, v.measured) == ("MISS", 2.0) and "because" in v.detail
+    assert harness.ratio_verdict("ctx", alignx, dense, "time_ms").verdict == "INFO"
+    skipped = harness.Row(shape="s", provider="x", mode="full", status="skipped", note="needs CUDA")
+    v = harness.ratio_verdict("gone", skipped, dense, "time_ms", at_most=1)
+    assert v.verdict == "N/A" and "needs CUDA" in v.detail and v.measured is None
+    assert harness.ratio_verdict("none", None, dense, "time_ms", at_most=1).verdict == "N/A"
+    assert harness.value_verdict("roof", _row("t", roofline_frac=0.9), "roofline_frac", at_least=0.8).verdict == "PASS"
+
+
+@pytest.mark.parametrize("true_max,start,limit", [(1, 16, 512), (23, 16, 512), (100, 16, 512), (700, 16, 512),
+                                                   (5, 16, 512), (0, 16, 512), (16, 16, 16)])  # fmt: skip
+def test_largest_fitting(true_max: int, start: int, limit: int) -> None:
+    probed = []
+
+    def fits(b: int) -> bool:
+        probed.append(b)
+        return b <= true_max
+
+    best, exact = bench_step.largest_fitting(fits, start, limit)
+    want = min(true_max, limit)
+    assert best <= want and (best == 0) == (want == 0)
+    assert best >= want - max(1, want // 8)
+    if exact:
+        assert best == want
+    assert len(probed) == len(set(probed))  # every probe is a fresh measurement: never the same size twice
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scripts end to end
+
+
+def test_op_scripts_rows_and_same_function(tiny_results: Path) -> None:
+    rows = read_csv(tiny_results / "cpu.csv")
+    assert {r["run_id"] for r in rows} == {"test-run"}
+    for bench in (bench_span_pool.BENCH, bench_info_nce.BENCH, bench_lang_match.BENCH):
+        mine = [r for r in rows if r["bench"] == bench.name and r["shape"] != "roofline"]
+        assert {r["provider"] for r in mine} == {p.name for p in bench.providers}
+        roof = [r for r in rows if r["bench"] == bench.name and r["shape"] == "roofline"]
+        assert roof and all(float(r["metric"]) > 0 for r in roof)
+        for r in mine:
+            if r["status"] == "skipped":
+                assert r["note"], f"{bench.name}/{r['provider']}: a skip must give its reason"
+                continue
+            assert r["status"] == "ok", (bench.name, r["provider"], r["note"])
+            assert float(r["time_ms"]) > 0 and r["unit"] == bench.unit
+            if r["mode"] == "full" and r["provider"] != "reference":
+                # Every provider computes the reference's function: output and every gradient.
+                assert r["note"] == "err vs reference"
+                assert float(r["max_rel_err"]) < 1e-4, (bench.name, r["provider"], r["max_rel_err"])
+        ran = {r["provider"] for r in mine if r["status"] == "ok"}
+        assert {"reference", "alignx"} <= ran
+        skipped = {r["provider"]: r["note"] for r in mine if r["status"] == "skipped"}
+        assert "compile" in skipped and "alignx-triton" in skipped and "CUDA" in skipped["alignx-triton"]
+
+
+def test_official_idioms_ran(tiny_results: Path) -> None:
+    rows = read_csv(tiny_results / "cpu.csv")
+    ok = {(r["bench"], r["provider"]) for r in rows if r["status"] == "ok"}
+    assert {("info_nce", "official"), ("lang_match", "official"), ("span_pool", "masked-product"),
+            ("span_pool", "segment_reduce"), ("span_pool", "embedding_bag")} <= ok  # fmt: skip
+
+
+def test_step_objectives_agree(tiny_results: Path) -> None:
+    rows = [r for r in read_csv(tiny_results / "cpu.csv") if r["bench"] == "step"]
+    full = {r["provider"]: r for r in rows if r["mode"] == "full"}
+    assert set(full) == set(bench_step.OBJECTIVES)
+    assert all(r["status"] == "ok" and float(r["time_ms"]) > 0 for r in full.values())
+    assert float(full["official"]["max_rel_err"]) < 1e-3  # alignx and the official style: the same gradients
+    assert full["alignx"]["note"].startswith("ops: ")
+
+
+def test_verdicts_recorded(tiny_results: Path) -> None:
+    ratios = read_csv(tiny_results / "cpu_ratios.csv")
+    claims = " | ".join(r["claim"] for r in ratios)
+    for needle in ("InfoNCE", "LangMatch", "Span pooling", "Stage-1 step"):
+        assert needle in claims
+    assert {r["verdict"] for r in ratios} <= {"PASS", "MISS", "N/A", "INFO"}
+    same = [r for r in ratios if "same loss and gradients" in r["claim"]]
+    assert same and same[0]["verdict"] == "PASS"
+
+
+def test_report_markdown_and_plots(tiny_results: Path) -> None:
+    path = report.render("cpu", tiny_results)
+    text = path.read_text()
+    assert "## Ratios" in text and "masked-product" in text and "alignx-triton" in text
+    for bench in ("span_pool", "info_nce", "lang_match", "step"):
+        png = tiny_results / f"cpu_{bench}.png"
+        assert png.exists() and png.stat().st_size > 1000
+        assert f"({png.name})" in text
