@@ -62,6 +62,11 @@ class ModelConfig:
     )
     attn_implementation: str = doc("auto", "auto = flash_attention_2 when flash-attn is importable, else sdpa.")
     gradient_checkpointing: bool = doc(False, "Recompute decoder blocks in backward to save activation memory.")
+    trim_logits: bool = doc(
+        True,
+        "Compute the LM head only from the first position whose next token is counted (HF logits_to_keep): the "
+        "same loss and gradients without the prompt's and padding's logits. false = logits at every position.",
+    )
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Dtype the weights are loaded in before DeepSpeed.")
     cache_dir: str | None = doc(None, "Where dequantised packaged models are cached (default ~/.cache/alignx).")
 
@@ -110,6 +115,12 @@ class ObjectiveConfig:
         False,
         "Average the source->target InfoNCE with the target->source one (not in the reference); with a queue, a "
         "second queue of detached sources doubles the queue memory.",
+    )
+    center: Literal["none", "batch"] = doc(
+        "none",
+        "Subtract the mean of the micro-batch's pooled states (sources and targets; with negatives='global' the "
+        "gathered ones) before the contrastive cosine. 'none' = reference. Models with a few huge residual dimensions "
+        "(Gemma 3) have every uncentred cosine near 1, which leaves the InfoNCE at chance with a vanishing gradient.",
     )
     lam_hidden: int = doc(128, "Width of the language-matching SwiGLU head (2d -> h -> 2).")
     lam_init_std: float = doc(0.02, "Std of the N(0, std) init of the head (reference: 0.02).")

@@ -30,6 +30,7 @@ model's own logits, so any soft-capping is included and the pooled states are un
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 import torch
@@ -386,6 +387,23 @@ class AlignXModel(nn.Module):
             self._hooks.append(final_norm.register_forward_hook(self._capture.final))
         if cfg.data.packing:
             self._packed_attention_kwargs(torch.tensor([0, 1]))  # fail at build time on an unsupported attention
+        self.trim_logits = cfg.model.trim_logits and "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+    @staticmethod
+    def logits_to_keep(labels: Tensor) -> int:
+        """How many trailing positions need logits: ``T - p`` for the first position ``p`` whose next label is
+        counted (1 when none is; 0 = all, HF's convention, when that is position 0). One host sync.
+
+        Left padding (the reference) puts every row's response at the end, so this skips the instruction, the source
+        sentence and the padding of all rows; the LM head (``T x D x V``, the largest matmul of a small model with a
+        large vocabulary) then runs on the responses only.
+        """
+        t = labels.shape[1]
+        counted = (labels[:, 1:] != -100).any(0)
+        if t < 2 or not bool(counted.any()):
+            return 1
+        first = int(counted.to(torch.int8).argmax())
+        return 0 if first == 0 else t - first
 
     def _packed_attention_kwargs(self, cu_seqlens: Tensor) -> dict[str, Any]:
         """Extra ``self.lm(...)`` kwargs for a packed row: FlashAttention's varlen offsets, nothing for the mask-based
@@ -409,9 +427,12 @@ class AlignXModel(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> LMOutputs:
         """One forward of the HF model, returning the logits and the two hooked hidden states.
 
+        ``logits_to_keep = K > 0``: logits ``[B, K, V]`` of the last K positions only (needs a model whose forward
+        takes HF's ``logits_to_keep``); 0: all positions. The hidden states always cover every position.
         Packed (``cu_seqlens`` given): ``input_ids [1, total]``, ``position_ids`` restarting at 0 at every
         ``cu_seqlens[i]`` (required) and no attention mask (an all-ones mask is dropped; a mask with zeros is an
         error), see the module docstring.
@@ -437,6 +458,7 @@ class AlignXModel(nn.Module):
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=False,
+                **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
                 **extra,
             )
         finally:
@@ -491,7 +513,8 @@ class AlignXModel(nn.Module):
             return {k: terms[k] if k == "loss" else terms[k].detach() for k in TERMS}
         if extra:
             raise ValueError(f"objective.kind={self.objective.cfg.kind!r} takes no batch keys {sorted(extra)}")
-        out = self.run_lm(input_ids, attention_mask, position_ids, cu_seqlens)
+        keep = self.logits_to_keep(labels) if self.trim_logits else 0
+        out = self.run_lm(input_ids, attention_mask, position_ids, cu_seqlens, logits_to_keep=keep)
         terms = self.objective(out.logits, out.hidden_align, out.hidden_final, batch, self.lang_head)
         return {k: terms[k] if k == "loss" else terms[k].detach() for k in TERMS}
 

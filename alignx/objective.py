@@ -42,12 +42,11 @@ with the implementation. Nothing here imports transformers or deepspeed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError, ObjectiveConfig
 from .dist import NegativeQueue, all_gather_rows, gather_sizes, global_mean_scale, is_distributed
@@ -120,43 +119,79 @@ def record_index(cu_seqlens: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff())
 
 
-def _ce_sum(logits: Tensor, target: Tensor) -> Tensor:
-    """``sum_t [logsumexp(logits[t]) - logits[t, target[t]]]`` over targets != IGNORE_INDEX, in fp32."""
-    x = logits.float()
-    valid = target != IGNORE_INDEX
-    picked = x.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    nll = torch.logsumexp(x, dim=-1) - picked
-    # where, not multiply: a non-finite logit at an ignored (padding) position must not leak into the sum.
-    return torch.where(valid, nll, torch.zeros_like(nll)).sum()
+def _chunks(b: int, t: int, v: int, chunk_elements: int) -> Iterator[tuple[slice, slice]]:
+    """``(rows, positions)`` slices covering ``[b, t]`` with at most ``chunk_elements`` logits each (about: a row
+    longer than the budget is cut along time, at least one position per chunk)."""
+    rows = max(1, chunk_elements // max(1, t * v))
+    span = t if t * v <= chunk_elements else max(1, chunk_elements // max(1, v))
+    for r0 in range(0, b, rows):
+        for t0 in range(0, t, span):
+            yield slice(r0, r0 + rows), slice(t0, t0 + span)
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """``sum_(b,t) [logsumexp(logits[b, t]) - logits[b, t, target[b, t]]]`` over ``target != IGNORE_INDEX``.
+
+    fp32 maths on chunks of at most ``chunk_elements`` logits. Forward keeps only the ``[B, T]`` fp32 log-sum-exps;
+    backward writes ``g * (softmax - onehot)`` chunk by chunk into ONE gradient of the logits' shape and dtype (0 at
+    ignored positions, also where those logits are not finite). Peak memory on top of the logits: that gradient plus
+    one fp32 chunk, where autograd through slices and ``logsumexp`` would hold several logits-sized buffers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor, chunk_elements: int) -> Tensor:
+        b, t, v = logits.shape
+        lse = torch.empty((b, t), dtype=torch.float32, device=logits.device)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for rs, ts in _chunks(b, t, v, chunk_elements):
+            x, tgt = logits[rs, ts].float(), target[rs, ts]
+            m = torch.logsumexp(x, dim=-1)
+            lse[rs, ts] = m
+            picked = x.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            # where, not multiply: a non-finite logit at an ignored (padding) position must not leak into the sum.
+            total += torch.where(tgt != IGNORE_INDEX, m - picked, torch.zeros_like(m)).sum()
+        ctx.save_for_backward(logits, target, lse)
+        ctx.chunk_elements = chunk_elements
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
+        logits, target, lse = ctx.saved_tensors
+        b, t, v = logits.shape
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        g = grad_out.float()
+        for rs, ts in _chunks(b, t, v, ctx.chunk_elements):
+            tgt = target[rs, ts]
+            valid = (tgt != IGNORE_INDEX).unsqueeze(-1)
+            p = torch.exp(logits[rs, ts].float() - lse[rs, ts].unsqueeze(-1))
+            p.scatter_add_(-1, tgt.clamp(min=0).unsqueeze(-1), -valid.to(p.dtype))
+            grad[rs, ts] = torch.where(valid, p * g, torch.zeros_like(p))
+        return grad, None, None
 
 
 def lm_loss_sum(logits: Tensor, labels: Tensor, *, chunk_elements: int = CE_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
     """Shifted causal-LM cross-entropy, summed: ``(sum of -log p over the counted tokens, number of tokens)``.
 
-    logits ``[B, T, V]`` (any float dtype), labels ``[B, T]`` with ``IGNORE_INDEX`` for tokens that do not count;
-    position t predicts label t + 1. The maths is fp32 on row chunks of at most ``chunk_elements`` logits (a row
-    longer than that, e.g. a packed micro-batch, is cut along time); for half-precision logits each chunk is
-    recomputed in backward instead of keeping its fp32 copy, so the loss costs no more than one chunk of fp32 memory
-    on top of the logits themselves.
+    labels ``[B, T]`` with ``IGNORE_INDEX`` for tokens that do not count; position t predicts label t + 1. logits
+    ``[B, K, V]`` (any float dtype) are those of the LAST ``K <= T`` positions (HF ``logits_to_keep=K``; ``K = T``:
+    all of them): logits ``j`` belong to position ``T - K + j``. With ``K < T`` the caller guarantees that no label
+    at positions ``1 .. T - K`` is counted (:meth:`alignx.model.AlignXModel.forward` picks K so). The maths is fp32 on
+    chunks of at most ``chunk_elements`` logits and the backward writes one gradient of the logits' shape
+    (:class:`_CrossEntropySum`): no logits-sized fp32 copy, slice gradient or softmax is ever held.
     """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+    if logits.dim() != 3 or labels.dim() != 2 or labels.shape[0] != logits.shape[0]:
         raise ValueError(
-            f"logits must be [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+            f"logits must be [B, K, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
-    b, t, v = logits.shape
-    target = labels[:, 1:]
+    b, k, _ = logits.shape
+    t = labels.shape[1]
+    if not 1 <= k <= t:
+        raise ValueError(f"logits cover {k} positions; they must be the last 1..{t} positions of labels [B, {t}]")
+    target = torch.full_like(labels[:, t - k :], IGNORE_INDEX)
+    target[:, :-1] = labels[:, t - k + 1 :]
     count = (target != IGNORE_INDEX).sum()
-    total = logits.new_zeros((), dtype=torch.float32)
-    if t < 2:
-        return total + logits.sum().float() * 0.0, count
-    recompute = logits.dtype != torch.float32 and logits.requires_grad and torch.is_grad_enabled()
-    rows = max(1, chunk_elements // max(1, (t - 1) * v))
-    span = t - 1 if (t - 1) * v <= chunk_elements else max(1, chunk_elements // max(1, v))
-    for r0 in range(0, b, rows):
-        for t0 in range(0, t - 1, span):
-            piece, tgt = logits[r0 : r0 + rows, t0 : min(t0 + span, t - 1)], target[r0 : r0 + rows, t0 : t0 + span]
-            total = total + (checkpoint(_ce_sum, piece, tgt, use_reentrant=False) if recompute else _ce_sum(piece, tgt))
-    return total, count
+    return _CrossEntropySum.apply(logits, target, chunk_elements), count
 
 
 class Candidates(NamedTuple):
@@ -216,7 +251,8 @@ class AlignXObjective:
         """All terms of one micro-batch.
 
         Args:
-            logits: ``[B, T, V]`` next-token logits of the language model (any float dtype).
+            logits: ``[B, K, V]`` next-token logits of the language model (any float dtype) at the last ``K <= T``
+                positions; ``K < T`` only when no label before them is counted (see :func:`lm_loss_sum`).
             hidden_align: ``[B, T, D]`` output of decoder block ``align_layer`` (unused for ``kind="ntp"``).
             hidden_final: ``[B, T, D]`` final-norm output, the input of ``lm_head`` (unused for ``kind="ntp"``).
             batch: ``labels [B, T]`` (``-100`` = not counted); for ``kind="alignx"`` also ``span_ids [B, T]``
@@ -229,7 +265,7 @@ class AlignXObjective:
             graphs), ``rows_kept``, ``rows_dropped`` (0-dim int64).
         """
         labels = _need(batch, "labels")
-        if labels.shape != logits.shape[:2]:
+        if labels.dim() != 2 or labels.shape[0] != logits.shape[0] or logits.shape[1] > labels.shape[1]:
             raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}")
         if not self.uses_head:
             return self._ntp_only(logits, labels, batch.get("cu_seqlens"))
@@ -357,11 +393,15 @@ class AlignXObjective:
     def contrastive_loss(self, h_src: Tensor, h_tgt: Tensor) -> Tensor:
         """``ctr_scale * mean_b InfoNCE`` with cosine / tau, anchors = sources, candidates = targets (``[B', D]`` each).
 
-        ``symmetric`` averages this source->target direction with the target->source one. 0 when ``B' <= 1``
-        (a single row has no negative), as in the reference.
+        ``symmetric`` averages this source->target direction with the target->source one. ``center='batch'`` first
+        subtracts the mean of ``[h_src; h_tgt]`` from both (gradient included). 0 when ``B' <= 1`` (a single row has
+        no negative), as in the reference.
         """
         if h_src.shape[0] <= 1:
             return h_src.new_zeros((), dtype=torch.float32)
+        if self.cfg.center == "batch":
+            mean = torch.cat([h_src, h_tgt]).mean(0)
+            h_src, h_tgt = h_src - mean, h_tgt - mean
         loss = self._info_nce(h_src, self.gather_candidates(h_tgt))
         if self.cfg.symmetric:
             loss = 0.5 * (loss + self._info_nce(h_tgt, self.gather_candidates(h_src)))
@@ -401,6 +441,13 @@ class AlignXObjective:
         self.source_queue: NegativeQueue | None = None  # detached sources (y -> x candidates, symmetric)
         self.last_candidates = 0  # candidates per anchor in the last forward (logged by the trainer)
         cfg = self.cfg
+        if cfg.center not in ("none", "batch"):
+            raise ConfigError(f"objective.center must be 'none' or 'batch', got {cfg.center!r}")
+        if cfg.center == "batch" and cfg.negatives == "global+queue":
+            raise ConfigError(
+                "objective.center='batch' centres on the current batch, which queued negatives of earlier steps do not "
+                "share: use negatives='local' or 'global' with it"
+            )
         if cfg.queue_size < 0:
             raise ConfigError(f"objective.queue_size must be >= 0, got {cfg.queue_size}")
         if cfg.negatives == "local" or not self.uses_head:
@@ -466,9 +513,11 @@ class AlignXObjective:
         # Every rank back-propagates through the gather (its backward is a collective), also with 0 local rows.
         anchor = gathered.sum() * 0.0
 
-        ctr = self._global_contrastive(
-            pooled_align[kept, 0], pooled_align[kept, 1], x_all, y_all, langs, sizes, hidden_align.dtype
-        )
+        h_src, h_tgt = pooled_align[kept, 0], pooled_align[kept, 1]
+        if self.cfg.center == "batch" and sizes.total > 0:
+            mean = torch.cat([x_all, y_all]).mean(0)  # the same on every rank
+            h_src, h_tgt, x_all, y_all = h_src - mean, h_tgt - mean, x_all - mean, y_all - mean
+        ctr = self._global_contrastive(h_src, h_tgt, x_all, y_all, langs, sizes, hidden_align.dtype)
         if sizes.total == 0:
             # No kept row on any rank: a zero that still runs the head (same module sequence on every rank).
             lam = self.language_matching_loss(pooled_final[:, 0], pooled_final[:, 1], src_lang, tgt_lang, head) * 0.0

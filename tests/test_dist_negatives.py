@@ -339,6 +339,11 @@ def test_one_process_global_is_local(one_process: None) -> None:
     for packed in (False, True):
         glob = reference_step(make_model(make_cfg(**{"objective.negatives": "global"})), rows, packed)
         assert_same_step(glob, local, f"global packed={packed}")
+    centred = {"objective.center": "batch"}
+    local_c = reference_step(make_model(make_cfg(**centred)), rows)
+    glob_c = reference_step(make_model(make_cfg(**centred, **{"objective.negatives": "global"})), rows)
+    assert_same_step(glob_c, local_c, "global centred")
+    assert abs(local_c["terms"]["ctr"] - local["terms"]["ctr"]) > 1e-4  # centring changes the term
 
 
 if __name__ == "__main__":

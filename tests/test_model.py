@@ -329,3 +329,47 @@ def _has_flash_attn() -> bool:
     except Exception:
         return False
     return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trimmed logits (model.trim_logits): the LM head runs from the first counted prediction only
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trim_logits_same_terms_and_gradients(arch, monkeypatch) -> None:
+    torch.manual_seed(0)
+    lm = lm_of(arch)
+    batch = make_batch(b=4)
+    labels = batch["labels"].clone()
+    labels[:, :10] = -100  # the response: positions 10.. (predicted from 9..); row 3 counts from 12 only
+    labels[3, :12] = -100
+    batch["labels"] = labels
+    assert AlignXModel.logits_to_keep(labels) == 16 - 9
+    assert AlignXModel.logits_to_keep(torch.full((2, 5), -100)) == 1
+    assert AlignXModel.logits_to_keep(torch.zeros(2, 5, dtype=torch.long)) == 0  # all
+
+    results = {}
+    for trim in (False, True):
+        torch.manual_seed(1)  # the same language-matching head
+        model = AlignXModel(copy.deepcopy(lm), make_cfg(trim_logits=trim))
+        assert model.trim_logits is trim
+        widths = []
+        run_lm = model.run_lm
+
+        def spy(*args, _run=run_lm, _w=widths, **kwargs):
+            out = _run(*args, **kwargs)
+            _w.append(out.logits.shape[1])
+            return out
+
+        monkeypatch.setattr(model, "run_lm", spy)
+        terms = model(**batch)
+        terms["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[trim] = (terms, grads, widths[0])
+    (t0, g0, w0), (t1, g1, w1) = results[False], results[True]
+    assert (w0, w1) == (16, 7)
+    for k in TERMS:
+        torch.testing.assert_close(t1[k], t0[k], atol=1e-6, rtol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=n)

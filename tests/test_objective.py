@@ -11,6 +11,7 @@ It shares no code path with ``alignx.objective`` or ``alignx.kernels``.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -288,6 +289,33 @@ def test_row_without_source_is_dropped_not_nan() -> None:
     assert all(torch.isfinite(out[k]) for k in ("loss", "ntp", "ctr", "lam"))
 
 
+def test_batch_centred_contrastive() -> None:
+    """center='batch': the InfoNCE of the states minus the mean of all sources and targets; it sees through a huge
+    shared direction that leaves the uncentred cosine at chance."""
+    torch.manual_seed(5)
+    h_src, h_tgt = torch.randn(6, 16), torch.randn(6, 16)
+    h_tgt = h_src + 0.3 * h_tgt  # parallel rows are close
+    shared = torch.zeros(16)
+    shared[0] = 1e4  # a massive activation on every state
+    cfg = make_cfg().objective
+    plain = AlignXObjective(cfg)
+    cfg_c = make_cfg().objective
+    cfg_c.center = "batch"
+    centred = AlignXObjective(cfg_c)
+    mean = torch.cat([h_src, h_tgt]).mean(0)
+    want = 0.5 * F.cross_entropy(F.normalize(h_src - mean, dim=-1) @ F.normalize(h_tgt - mean, dim=-1).t() / 0.1,
+                                 torch.arange(6))  # fmt: skip
+    torch.testing.assert_close(centred.contrastive_loss(h_src, h_tgt), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(centred.contrastive_loss(h_src + shared, h_tgt + shared), want, atol=1e-4, rtol=1e-4)
+    chance = 0.5 * math.log(6)
+    assert abs(float(plain.contrastive_loss(h_src + shared, h_tgt + shared)) - chance) < 1e-3
+    assert float(want) < chance - 0.5
+    cfg_q = make_cfg().objective
+    cfg_q.center, cfg_q.negatives = "batch", "global+queue"
+    with pytest.raises(ConfigError, match="center='batch'"):
+        AlignXObjective(cfg_q)
+
+
 def test_contrastive_candidates_come_from_the_seam() -> None:
     """A subclass that adds detached extra negatives changes only the candidate set, not the formula."""
     torch.manual_seed(3)
@@ -309,20 +337,59 @@ def test_contrastive_candidates_come_from_the_seam() -> None:
 # Pieces and bad input
 
 
-def test_shift_span_ids_and_lm_loss_sum() -> None:
+def _ce_want(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    v = logits.shape[-1]
+    return F.cross_entropy(logits.float()[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [6 * 11, 3 * 11, 1 << 20])  # one row per chunk; rows cut along time; one chunk
+def test_shift_span_ids_and_lm_loss_sum(dtype, chunk) -> None:
     span = torch.tensor([[0, 1, 1, 0, 2, 2, 2, 0]])
     assert shift_span_ids(span).tolist() == [[1, 1, 0, 2, 2, 2, 0, 0]]
-    logits = torch.randn(3, 7, 11, dtype=torch.bfloat16, requires_grad=True)
+    logits = torch.randn(3, 7, 11, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, 11, (3, 7))
     labels[0, :4] = -100
     labels[2] = -100
-    total, count = lm_loss_sum(logits, labels, chunk_elements=6 * 11)  # one row per chunk, recomputed in backward
-    want = F.cross_entropy(logits.float()[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), reduction="sum")
+    total, count = lm_loss_sum(logits, labels, chunk_elements=chunk)
+    want = _ce_want(logits, labels)
     torch.testing.assert_close(total, want, atol=1e-4, rtol=1e-5)
     assert int(count) == int((labels[:, 1:] != -100).sum())
-    (g,) = torch.autograd.grad(total, logits)
-    (g_want,) = torch.autograd.grad(want, logits)
-    torch.testing.assert_close(g.float(), g_want.float(), atol=1e-2, rtol=1e-2)
+    up = torch.tensor(2.5)  # a non-unit upstream gradient
+    (g,) = torch.autograd.grad(total, logits, up)
+    (g_want,) = torch.autograd.grad(want, logits, up)
+    assert g.dtype == dtype and g.shape == logits.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(g.float(), g_want.float(), atol=tol, rtol=tol)
+    assert (g[2] == 0).all() and (g[:, -1] == 0).all()  # nothing counted: zero gradient
+
+
+def test_lm_loss_sum_tail_logits_and_nonfinite_padding() -> None:
+    """Logits of the last K positions only (HF logits_to_keep) give the loss and gradient of the full logits, and a
+    non-finite logit at an ignored position leaks into neither."""
+    torch.manual_seed(0)
+    full = torch.randn(2, 9, 13, dtype=torch.float64).float().requires_grad_(True)
+    labels = torch.randint(0, 13, (2, 9))
+    labels[:, :5] = -100  # counted labels from position 5: predicted by positions 4.. -> K = 9 - 4 = 5
+    total, count = lm_loss_sum(full, labels)
+    (g_full,) = torch.autograd.grad(total, full)
+    tail = full.detach()[:, 4:].clone().requires_grad_(True)
+    total_k, count_k = lm_loss_sum(tail, labels, chunk_elements=13)
+    (g_tail,) = torch.autograd.grad(total_k, tail)
+    torch.testing.assert_close(total_k, total)
+    assert int(count_k) == int(count) == 8
+    torch.testing.assert_close(g_tail, g_full[:, 4:])
+    assert (g_full[:, :4] == 0).all()
+    poisoned = full.detach().clone()
+    poisoned[:, :3] = float("nan")
+    poisoned[0, 1, 2] = float("inf")
+    poisoned.requires_grad_(True)
+    total_p, _ = lm_loss_sum(poisoned, labels)
+    (g_p,) = torch.autograd.grad(total_p, poisoned)
+    torch.testing.assert_close(total_p, total)
+    assert torch.isfinite(g_p).all()
+    with pytest.raises(ValueError, match="last 1..9 positions"):
+        lm_loss_sum(torch.randn(2, 10, 13), labels)
 
 
 @pytest.mark.parametrize(

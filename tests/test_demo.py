@@ -1,0 +1,30 @@
+"""alignx demo: its command line and the config it trains with (the run itself needs the packaged model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignx.config import load_config
+from alignx.demo import demo_overrides, parser
+
+
+def test_demo_defaults_make_a_valid_config(tmp_path: Path) -> None:
+    args = parser().parse_args([])
+    cfg = load_config(None, demo_overrides(args, tmp_path / "data", tmp_path / "train"))
+    assert cfg.model.name_or_path == "gemma3-270m"
+    assert cfg.objective.kind == "alignx" and cfg.objective.center == "none"
+    assert (cfg.train.max_steps, cfg.stage2.max_steps) == (40, 12)
+    assert cfg.train.global_batch_size == cfg.train.micro_batch_size == 8
+    assert cfg.train.eval_every == 0
+    assert cfg.data.train_file == str(tmp_path / "data" / "stage1" / "train.jsonl")
+    assert cfg.stage2.train_file == str(tmp_path / "data" / "stage2" / "train.jsonl")
+
+
+def test_demo_centred_objective_and_bad_center(tmp_path: Path) -> None:
+    args = parser().parse_args(["--center", "batch", "--steps", "3"])
+    cfg = load_config(None, demo_overrides(args, tmp_path, tmp_path))
+    assert cfg.objective.center == "batch" and cfg.train.max_steps == 3
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--center", "layer"])
