@@ -159,14 +159,20 @@ class _CrossEntropySum(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
         logits, target, lse = ctx.saved_tensors
         b, t, v = logits.shape
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        g = grad_out.float()
-        for rs, ts in _chunks(b, t, v, ctx.chunk_elements):
+        chunks = list(_chunks(b, t, v, ctx.chunk_elements))
+        grad: Tensor | None = None
+        for rs, ts in chunks:
             tgt = target[rs, ts]
             valid = (tgt != IGNORE_INDEX).unsqueeze(-1)
-            p = torch.exp(logits[rs, ts].float() - lse[rs, ts].unsqueeze(-1))
+            # Every op in place on the one fp32 chunk p: softmax, minus one-hot, times g, 0 where not counted.
+            p = torch.sub(logits[rs, ts].float(), lse[rs, ts].unsqueeze(-1)).exp_()
             p.scatter_add_(-1, tgt.clamp(min=0).unsqueeze(-1), -valid.to(p.dtype))
-            grad[rs, ts] = torch.where(valid, p * g, torch.zeros_like(p))
+            p.mul_(grad_out.float()).masked_fill_(~valid, 0.0)
+            if len(chunks) == 1 and p.dtype == logits.dtype:
+                return p, None, None  # one fp32 chunk: it is the gradient
+            if grad is None:
+                grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+            grad[rs, ts] = p
         return grad, None, None
 
 
