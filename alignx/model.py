@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, ModelConfig
-from .objective import TERMS, AlignXObjective, build_objective, kernel_op
+from .objective import IGNORE_INDEX, TERMS, AlignXObjective, build_objective, kernel_op
 
 __all__ = [
     "AlignXModel",
@@ -394,12 +394,13 @@ class AlignXModel(nn.Module):
         """How many trailing positions need logits: ``T - p`` for the first position ``p`` whose next label is
         counted (1 when none is; 0 = all, HF's convention, when that is position 0). One host sync.
 
-        Left padding (the reference) puts every row's response at the end, so this skips the instruction, the source
-        sentence and the padding of all rows; the LM head (``T x D x V``, the largest matmul of a small model with a
-        large vocabulary) then runs on the responses only.
+        With ``data.labels="response"`` and left padding every row's response is at the end, so this skips the
+        instruction, the source sentence and the padding of all rows and the LM head (``T x D x V``, the largest matmul
+        of a small model with a large vocabulary) runs on the responses only; with the reference ``labels="all"`` it
+        skips the padding that all rows share.
         """
         t = labels.shape[1]
-        counted = (labels[:, 1:] != -100).any(0)
+        counted = (labels[:, 1:] != IGNORE_INDEX).any(0)
         if t < 2 or not bool(counted.any()):
             return 1
         first = int(counted.to(torch.int8).argmax())
