@@ -90,7 +90,8 @@ def test_memory_method_sees_a_known_peak() -> None:
         "benchmarks.harness", "calibration_job", {"nbytes": nbytes}, timeout=120, memory_env=True, threads=1
     )
     assert res["status"] == "ok", res
-    assert abs(res["bytes"] - 2 * nbytes) < 6 << 20, res
+    # A wrong method is off by a whole 64 MiB tensor; the process's own allocations add up to about 6 MiB (measured).
+    assert abs(res["bytes"] - 2 * nbytes) < 16 << 20, res
     assert res["method"] == harness.METHOD_CPU
 
 
