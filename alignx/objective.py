@@ -303,27 +303,25 @@ class AlignXObjective:
             lam = self.language_matching_loss(
                 pooled_final[kept, 0], pooled_final[kept, 1], src_lang[kept], tgt_lang[kept], head
             )
-        loss = ntp + self.cfg.lambda_ctr * ctr + self.cfg.lambda_lam * lam
-        return {
-            "loss": loss,
-            "ntp": ntp,
-            "ctr": ctr,
-            "lam": lam,
-            "rows_kept": torch.tensor(n_kept, device=labels.device),
-            "rows_dropped": torch.tensor(keep.numel() - n_kept, device=labels.device),
-        }
+        return self._terms(ntp, ctr, lam, n_kept, keep.numel())
 
     def _ntp_only(self, logits: Tensor, labels: Tensor, cu_seqlens: Tensor | None = None) -> dict[str, Tensor]:
         ntp = self.ntp_loss(logits, labels)
         zero = ntp.new_zeros(())
         n_rows = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        return self._terms(ntp, zero, zero, n_rows, n_rows)
+
+    def _terms(self, ntp: Tensor, ctr: Tensor, lam: Tensor, n_kept: int, n_rows: int) -> dict[str, Tensor]:
+        """The result dict of :meth:`__call__`: the weighted total (``ctr = lam = 0`` adds nothing) and the counts."""
+        loss = ntp + self.cfg.lambda_ctr * ctr + self.cfg.lambda_lam * lam
+        device = ntp.device
         return {
-            "loss": ntp,
+            "loss": loss,
             "ntp": ntp,
-            "ctr": zero,
-            "lam": zero,
-            "rows_kept": torch.tensor(n_rows, device=labels.device),
-            "rows_dropped": torch.tensor(0, device=labels.device),
+            "ctr": ctr,
+            "lam": lam,
+            "rows_kept": torch.tensor(n_kept, device=device),
+            "rows_dropped": torch.tensor(n_rows - n_kept, device=device),
         }
 
     # ------------------------------------------------------------------------------------------------------------
@@ -530,15 +528,7 @@ class AlignXObjective:
         else:
             lam = self.language_matching_loss(ex_all, ey_all, langs[:, 0], langs[:, 1], head)
         ctr = ctr + anchor
-        loss = ntp + self.cfg.lambda_ctr * ctr + self.cfg.lambda_lam * lam
-        return {
-            "loss": loss,
-            "ntp": ntp,
-            "ctr": ctr,
-            "lam": lam,
-            "rows_kept": torch.tensor(n_kept, device=labels.device),
-            "rows_dropped": torch.tensor(keep.numel() - n_kept, device=labels.device),
-        }
+        return self._terms(ntp, ctr, lam, n_kept, keep.numel())
 
     def _global_contrastive(
         self,
