@@ -55,11 +55,14 @@ class ModelConfig:
         "smollm2-135m, tiny-llama, tiny-qwen2, tiny-gemma3).",
     )
     tokenizer: str | None = doc(None, "Tokenizer directory when it differs from the model's.")
-    align_layer: int | None = doc(
+    align_layer: int | str | None = doc(
         None,
-        "Decoder block whose output feeds the contrastive loss (1-based, as HF "
-        "hidden_states[k]); null = num_layers // 2.",
+        "Decoder block whose output feeds the contrastive loss (1-based, as HF hidden_states[k]); null = "
+        "num_layers // 2 (reference); 'auto' = before training, measure the base model's source->target retrieval "
+        "at every middle layer (num_layers/4 .. 3 num_layers/4) on align_probe_records held-out records and align "
+        "the best one (logged, stored in the run's config.yaml and checkpoints).",
     )
+    align_probe_records: int = doc(96, "Held-out records (train records if none) measured by align_layer=auto.")
     attn_implementation: str = doc("auto", "auto = flash_attention_2 when flash-attn is importable, else sdpa.")
     gradient_checkpointing: bool = doc(False, "Recompute decoder blocks in backward to save activation memory.")
     trim_logits: bool = doc(
@@ -71,7 +74,10 @@ class ModelConfig:
     cache_dir: str | None = doc(None, "Where dequantised packaged models are cached (default ~/.cache/alignx).")
 
     def resolved_align_layer(self, num_layers: int) -> int:
-        layer = num_layers // 2 if self.align_layer is None else self.align_layer
+        """The 1-based aligned block; ``auto`` resolves to the reference middle until the trainer measures it."""
+        layer = num_layers // 2 if self.align_layer in (None, "auto") else self.align_layer
+        if isinstance(layer, str):
+            raise ConfigError(f"model.align_layer must be an integer, null or 'auto', got {layer!r}")
         if not 1 <= layer <= num_layers:
             raise ConfigError(f"model.align_layer={layer} is outside 1..{num_layers} for this model")
         return layer
@@ -90,6 +96,13 @@ class DataConfig:
     )
     padding_side: Literal["left", "right"] = doc("left", "Padding side of collated batches (reference: left).")
     group_by_length: bool = doc(True, "Length-grouped batches, as the reference (also decides the negatives).")
+    batching: Literal["mixed", "direction"] = doc(
+        "mixed",
+        "'mixed' = micro-batches draw records of every language direction (reference); 'direction' = every "
+        "micro-batch holds one (src_lang, tgt_lang) direction, so all contrastive candidates share the anchor's "
+        "target language and language identity cannot be the shortcut (the order then also depends on the micro "
+        "batch size; deterministic and resumable as the mixed order).",
+    )
     min_target_tokens: int = doc(3, "Records with fewer target tokens after truncation are dropped (reference: 3).")
     labels: Literal["all", "response"] = doc("all", "NTP over the whole sequence (reference) or the response only.")
     packing: bool = doc(
@@ -118,9 +131,31 @@ class ObjectiveConfig:
     )
     center: Literal["none", "batch"] = doc(
         "none",
-        "Subtract the mean of the micro-batch's pooled states (sources and targets; with negatives='global' the "
-        "gathered ones) before the contrastive cosine. 'none' = reference. Models with a few huge residual dimensions "
-        "(Gemma 3) have every uncentred cosine near 1, which leaves the InfoNCE at chance with a vanishing gradient.",
+        "Legacy spelling of similarity=center: subtract the mean of the micro-batch's pooled states (with "
+        "negatives='global' the gathered ones) before the contrastive cosine. 'none' = reference.",
+    )
+    similarity: Literal["cosine", "center", "standardize", "whiten"] = doc(
+        "cosine",
+        "Space of the contrastive cosine (alignx/similarity.py, docs/alignment.md): cosine = raw pooled states "
+        "(reference); center = minus the step's batch mean (= center: batch); standardize = per-dimension running "
+        "mean/std; whiten = shrunk ZCA whitening with running statistics. Running statistics are detached, "
+        "accumulated over steps and ranks, checkpointed.",
+    )
+    similarity_per_language: bool = doc(
+        False, "Running statistics per language (each language's own mean and scale removed before the cosine)."
+    )
+    similarity_shrinkage: float = doc(
+        0.5, "whiten: correlation shrunk toward the identity, C = (1 - a) R + a I (no direction amplified > 1/sqrt(a))."
+    )
+    similarity_decay: float = doc(1.0, "Per-step decay of the running statistics (1 = running mean over all rows).")
+    similarity_warmup_steps: int = doc(
+        1, "Optimizer steps of statistics before the contrastive term is trained in a running space (logged, weight 0)."
+    )
+    inert_warn_steps: int = doc(
+        10, "Warn once when the contrastive term stays near chance for this many steps (0 disables)."
+    )
+    inert_tolerance: float = doc(
+        0.05, "'Near chance': in-batch InfoNCE >= (1 - tolerance) x ln(candidates), averaged over the logged steps."
     )
     lam_hidden: int = doc(128, "Width of the language-matching SwiGLU head (2d -> h -> 2).")
     lam_init_std: float = doc(0.02, "Std of the N(0, std) init of the head (reference: 0.02).")
@@ -373,6 +408,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 
 def _validate(cfg: Config) -> None:
+    if isinstance(cfg.model.align_layer, str) and cfg.model.align_layer != "auto":
+        raise ConfigError(f"model.align_layer must be an integer, null or 'auto', got {cfg.model.align_layer!r}")
+    if cfg.model.align_probe_records < 4:
+        raise ConfigError(f"model.align_probe_records must be >= 4, got {cfg.model.align_probe_records}")
     if cfg.objective.temperature <= 0:
         raise ConfigError(f"objective.temperature must be > 0, got {cfg.objective.temperature}")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):

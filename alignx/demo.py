@@ -49,12 +49,38 @@ def demo_overrides(args: argparse.Namespace, data: Path, train_dir: Path) -> dic
         "train.seed": args.seed,
         "train.tensorboard": False,
         "objective.center": args.center,
+        "objective.similarity": args.similarity,
+        "objective.similarity_per_language": args.per_language,
+        "data.batching": args.batching,
+        "data.labels": args.labels,
         "optim.lr": args.lr,
         "optim.warmup_steps": max(1, args.steps // 10),
         "stage2.train_file": str(data / "stage2" / "train.jsonl"),
         "stage2.eval_file": str(data / "stage2" / "dev.jsonl"),
         "stage2.max_steps": args.stage2_steps,
     }
+
+
+def _layer(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
+
+
+def trained_align_layer(cfg: Any, requested: int | str | None) -> int | None:
+    """The layer stage 1 aligned: ``auto`` is read back from the stage's saved config (the trainer writes its
+    choice there); otherwise the requested one."""
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    import yaml
+
+    from alignx.schedule import stage_dir
+
+    saved = yaml.safe_load((stage_dir(cfg, 1) / "config.yaml").read_text())
+    return int(saved["model"]["align_layer"])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,9 +106,46 @@ def parser() -> argparse.ArgumentParser:
         default="none",
         help="objective.center (none = the reference; batch centres the contrastive states on the batch mean)",
     )
-    p.add_argument("--align-layer", type=int, default=None, help="aligned layer (default: num_layers // 2)")
+    p.add_argument(
+        "--align-layer",
+        type=_layer,
+        default=None,
+        help="aligned layer: an integer, or 'auto' (default: num_layers // 2)",
+    )
+    p.add_argument(
+        "--similarity",
+        choices=("cosine", "center", "standardize", "whiten"),
+        default="cosine",
+        help="objective.similarity: the space of the contrastive cosine (cosine = reference)",
+    )
+    p.add_argument(
+        "--per-language",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="objective.similarity_per_language: running statistics per language",
+    )
+    p.add_argument(
+        "--batching",
+        choices=("mixed", "direction"),
+        default="mixed",
+        help="data.batching: mixed directions per micro-batch (reference) or one direction per micro-batch",
+    )
+    p.add_argument("--labels", choices=("all", "response"), default="all", help="data.labels (all = reference)")
+    p.add_argument("--stage1-only", action="store_true", help="stop after stage 1 and its evaluation (ablations)")
+    p.add_argument(
+        "--base-result",
+        default=None,
+        help="a base.json of an earlier run on the same data, model, seed and pairs: reused instead of re-evaluating",
+    )
     p.add_argument("--skip-train", action="store_true", help="only build the data and evaluate the base model")
     return p
+
+
+def _set_align_layer(path: Path, layer: int) -> None:
+    """Highlight ``layer`` in an evaluation result (every layer is measured; this only picks the table's row)."""
+    result = json.loads(path.read_text())
+    result["align_layer"] = layer
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    def run_eval(model: str, label: str) -> None:
+    def run_eval(model: str, label: str, align_layer: int | None) -> None:
         lm, tok = load_model(model, cache_dir=cfg.model.cache_dir)
         result = evaluate(
             lm,
@@ -126,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             translate_pairs=args.translate_pairs,
             ppl_pairs=args.ppl_pairs,
             directions=("en-x",),
-            align_layer=args.align_layer,
+            align_layer=align_layer,
+            translate=args.translate_pairs > 0,
             label=label,
             model_name=model,
         )
@@ -135,19 +199,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(summary_lines(result)), flush=True)
         del lm
 
-    print(f"[demo] 2/5 evaluating the base model {args.model}", flush=True)
-    run_eval(args.model, "base")
+    fixed_layer = None if args.align_layer == "auto" else args.align_layer
+    if args.base_result:
+        print(f"[demo] 2/5 base model: reusing {args.base_result}", flush=True)
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        (eval_dir / "base.json").write_text(Path(args.base_result).read_text())
+    else:
+        print(f"[demo] 2/5 evaluating the base model {args.model}", flush=True)
+        run_eval(args.model, "base", fixed_layer)
     if not args.skip_train:
         from alignx.schedule import export_dir, run_stages
 
+        stages = "1" if args.stage1_only else "all"
         print(f"[demo] 3/5 training stage 1 ({args.steps} steps) and stage 2 ({args.stage2_steps} steps)", flush=True)
-        code = run_stages(cfg, "all")
+        code = run_stages(cfg, stages)
         if code != 0:
             print(f"error: training stopped with status {code}; resume with --resume auto", file=sys.stderr)
             return code
+        layer = trained_align_layer(cfg, args.align_layer)
+        if layer is not None:  # the tables highlight the layer stage 1 aligned, in every result
+            _set_align_layer(eval_dir / "base.json", layer)
         print("[demo] 4/5 evaluating after stage 1 and after stage 2", flush=True)
-        run_eval(str(export_dir(cfg, 1)), "stage1")
-        run_eval(str(export_dir(cfg, 2)), "stage2")
+        run_eval(str(export_dir(cfg, 1)), "stage1", layer)
+        if not args.stage1_only:
+            run_eval(str(export_dir(cfg, 2)), "stage2", layer)
     paths = write_report(collect_results(eval_dir), eval_dir)
     print(f"[demo] 5/5 done in {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
     print(f"report: {paths['report']}")

@@ -372,6 +372,13 @@ class NegativeQueue:
             return torch.empty(0, dtype=torch.int64)
         return self._langs[self._fifo_slots()].clone()
 
+    def slot_langs(self) -> Tensor:
+        """Language id of each queued row in slot order, ``[size]``: the order of the rows after the live ones in
+        :meth:`candidates`."""
+        if self._langs is None:
+            return torch.empty(0, dtype=torch.int64)
+        return self._langs[: self.size]
+
     def steps(self) -> Tensor:
         """Optimizer step that enqueued each queued row, oldest first, ``[size]``."""
         if self._steps is None:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, ModelConfig
-from .objective import IGNORE_INDEX, TERMS, AlignXObjective, build_objective, kernel_op
+from .objective import DIAG, IGNORE_INDEX, TERMS, AlignXObjective, build_objective, kernel_op
 
 __all__ = [
     "AlignXModel",
@@ -373,21 +373,40 @@ class AlignXModel(nn.Module):
             _enable_gradient_checkpointing(lm)
 
         self.lang_head: LanguageMatchingHead | None = None
+        self.diagnostics: dict[str, Tensor] = {}  # diag/... of the last forward (alignx.objective)
         self._capture = _HiddenCapture()
         self._hooks: list[Any] = []
         if self.objective.uses_head:
             head = LanguageMatchingHead(_hidden_size(lm), cfg.objective.lam_hidden, cfg.objective.lam_init_std)
             dtype, device = _param_dtype_device(lm)
             self.lang_head = head.to(device=device, dtype=dtype)
-            # HF's hidden_states[N] is the final-norm output, not block N's: align_layer = N reads the norm too.
-            if self.align_layer < self.num_layers:
-                self._hooks.append(layers[self.align_layer - 1].register_forward_hook(self._capture.align))
-            else:
-                self._hooks.append(final_norm.register_forward_hook(self._capture.align))
+            self._align_hook = self._hook_align_layer(layers, final_norm)
             self._hooks.append(final_norm.register_forward_hook(self._capture.final))
         if cfg.data.packing:
             self._packed_attention_kwargs(torch.tensor([0, 1]))  # fail at build time on an unsupported attention
         self.trim_logits = cfg.model.trim_logits and "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+    def _hook_align_layer(self, layers: nn.ModuleList, final_norm: nn.Module) -> Any:
+        # HF's hidden_states[N] is the final-norm output, not block N's: align_layer = N reads the norm too.
+        module = layers[self.align_layer - 1] if self.align_layer < self.num_layers else final_norm
+        return module.register_forward_hook(self._capture.align)
+
+    def set_align_layer(self, layer: int) -> None:
+        """Move the contrastive hook to block ``layer`` (1-based; ``model.align_layer=auto`` measures it first)."""
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"align layer {layer} is outside 1..{self.num_layers}")
+        self.align_layer = layer
+        if self.lang_head is None:
+            return
+        self._align_hook.remove()
+        self._align_hook = self._hook_align_layer(*find_decoder_parts(self.lm))
+
+    def similarity_state(self) -> dict[str, Any] | None:
+        """The similarity space's running statistics (None without them); the same on every rank."""
+        return self.objective.similarity_state()
+
+    def load_similarity_state(self, state: dict[str, Any] | None) -> None:
+        self.objective.load_similarity_state(state)
 
     @staticmethod
     def logits_to_keep(labels: Tensor) -> int:
@@ -517,6 +536,8 @@ class AlignXModel(nn.Module):
         keep = self.logits_to_keep(labels) if self.trim_logits else 0
         out = self.run_lm(input_ids, attention_mask, position_ids, cu_seqlens, logits_to_keep=keep)
         terms = self.objective(out.logits, out.hidden_align, out.hidden_final, batch, self.lang_head)
+        # The contrastive diagnostics (diag/..., detached, host) stay beside the contract terms: the trainer logs them.
+        self.diagnostics = {k: v for k, v in terms.items() if k.startswith(DIAG)}
         return {k: terms[k] if k == "loss" else terms[k].detach() for k in TERMS}
 
     # -- negatives queue (objective.negatives = "global+queue"), driven by the trainer ----------------------------

@@ -42,6 +42,7 @@ with the implementation. Nothing here imports transformers or deepspeed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 
 from .config import ConfigError, ObjectiveConfig
 from .dist import NegativeQueue, all_gather_rows, gather_sizes, global_mean_scale, is_distributed
+from .similarity import SimilaritySpace, build_space
 
 __all__ = [
     "IGNORE_INDEX",
@@ -59,6 +61,7 @@ __all__ = [
     "AlignXObjective",
     "Candidates",
     "build_objective",
+    "contrastive_diagnostics",
     "kernel_op",
     "lm_loss_sum",
     "record_index",
@@ -75,6 +78,61 @@ CE_CHUNK_ELEMENTS = 1 << 26
 KINDS = ("alignx", "ntp")
 NEGATIVES = ("local", "global", "global+queue")
 TERMS = ("loss", "ntp", "ctr", "lam", "rows_kept", "rows_dropped")
+DIAG = "diag/"  # prefix of the contrastive term's diagnostics (detached, logged, never back-propagated)
+TOP_DIMS = 8  # the "largest few dimensions" whose share of the pooled states' squared norm is logged
+
+
+@torch.no_grad()
+def contrastive_diagnostics(
+    raw_anchors: Tensor,
+    raw_candidates: Tensor,
+    anchors: Tensor,
+    candidates: Tensor,
+    positive: Tensor,
+    temperature: float,
+    anchor_langs: Tensor | None = None,
+    candidate_langs: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Why the contrastive term does or does not learn, from states the forward already has (no extra forward).
+
+    ``raw_*`` are the pooled states ``[B, D]`` / ``[N, D]``, ``anchors``/``candidates`` the same rows in the
+    similarity space, ``positive [B]`` the candidate row of each anchor. All over the in-batch candidates only
+    (never a queue), so the cost is one ``[B, N]`` matrix. Returns 0-dim fp32 tensors keyed ``diag/...``:
+    ``top1`` and ``chance`` (1/N) of the in-space cosine, ``nce_ratio`` (in-batch InfoNCE / ln N: 1 = chance),
+    ``pos_sim``/``neg_sim`` and their ``_std`` (in-space cosines: their spread shows a collapse),
+    ``raw_cos``/``raw_cos_std`` (raw cosines of all pairs), ``raw_top1``, ``top_dims_share`` (share of the raw
+    states' squared norm in their largest ``TOP_DIMS`` dimensions) and, with languages, ``same_lang_top`` (share of
+    anchors whose nearest candidate is in the anchor's own language: the language-identity shortcut).
+    """
+    import torch.nn.functional as F
+
+    b, n = anchors.shape[0], candidates.shape[0]
+    sim = F.normalize(anchors.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T  # [B, N]
+    raw = F.normalize(raw_anchors.float(), dim=-1) @ F.normalize(raw_candidates.float(), dim=-1).T
+    rows = torch.arange(b, device=sim.device)
+    is_pos = torch.zeros_like(sim, dtype=torch.bool)
+    is_pos[rows, positive] = True
+    pos, neg = sim[is_pos], sim[~is_pos]
+    logits = sim / temperature
+    nce = (torch.logsumexp(logits, dim=1) - logits[rows, positive]).mean()
+    sq = torch.cat([raw_anchors, raw_candidates]).float().pow(2)
+    top = sq.topk(min(TOP_DIMS, sq.shape[1]), dim=1).values.sum(1) / sq.sum(1).clamp(min=1e-30)
+    out = {
+        "top1": (sim.argmax(1) == positive).float().mean(),
+        "chance": torch.tensor(1.0 / n),
+        "nce_ratio": nce / math.log(n) if n > 1 else torch.tensor(1.0),
+        "pos_sim": pos.mean(),
+        "pos_sim_std": pos.std(correction=0),
+        "neg_sim": neg.mean() if neg.numel() else torch.tensor(0.0),
+        "neg_sim_std": neg.std(correction=0) if neg.numel() else torch.tensor(0.0),
+        "raw_cos": raw.mean(),
+        "raw_cos_std": raw.std(correction=0),
+        "raw_top1": (raw.argmax(1) == positive).float().mean(),
+        "top_dims_share": top.mean(),
+    }
+    if anchor_langs is not None and candidate_langs is not None:
+        out["same_lang_top"] = (candidate_langs[sim.argmax(1)] == anchor_langs).float().mean()
+    return {DIAG + k: v.detach().float().cpu() for k, v in out.items()}
 
 
 def kernel_op(name: str) -> Callable[..., Any]:
@@ -285,6 +343,7 @@ class AlignXObjective:
             raise ValueError("kind='alignx' needs the language-matching head")
 
         cu_seqlens = batch.get("cu_seqlens")  # packed: records cu_seqlens[i]:cu_seqlens[i + 1] of the one row
+        self.diagnostics = {}
         keep = self.keep_rows(span_ids, cu_seqlens)
         kept = keep.nonzero().squeeze(1)
         n_kept = kept.numel()
@@ -299,7 +358,7 @@ class AlignXObjective:
             lam = self.language_matching_loss(pooled_final[:, 0], pooled_final[:, 1], src_lang, tgt_lang, head) * 0.0
             ctr = lam.new_zeros(())
         else:
-            ctr = self.contrastive_loss(pooled_align[kept, 0], pooled_align[kept, 1])
+            ctr = self.contrastive_loss(pooled_align[kept, 0], pooled_align[kept, 1], src_lang[kept], tgt_lang[kept])
             lam = self.language_matching_loss(
                 pooled_final[kept, 0], pooled_final[kept, 1], src_lang[kept], tgt_lang[kept], head
             )
@@ -312,10 +371,18 @@ class AlignXObjective:
         return self._terms(ntp, zero, zero, n_rows, n_rows)
 
     def _terms(self, ntp: Tensor, ctr: Tensor, lam: Tensor, n_kept: int, n_rows: int) -> dict[str, Tensor]:
-        """The result dict of :meth:`__call__`: the weighted total (``ctr = lam = 0`` adds nothing) and the counts."""
-        loss = ntp + self.cfg.lambda_ctr * ctr + self.cfg.lambda_lam * lam
+        """The result dict of :meth:`__call__`: the weighted total (``ctr = lam = 0`` adds nothing), the counts and
+        the contrastive diagnostics (``diag/...``, :func:`contrastive_diagnostics`).
+
+        While a running similarity space warms up, ``ctr`` is reported but weighted 0 (its graph kept, so every rank
+        runs the same backward)."""
+        weight = self.cfg.lambda_ctr if self.space.trusted else 0.0
+        loss = ntp + weight * ctr + self.cfg.lambda_lam * lam
         device = ntp.device
-        return {
+        diag = dict(self.diagnostics)
+        if diag:
+            diag[DIAG + "trained"] = torch.tensor(1.0 if self.space.trusted else 0.0)
+        return diag | {
             "loss": loss,
             "ntp": ntp,
             "ctr": ctr,
@@ -394,22 +461,39 @@ class AlignXObjective:
         positive = torch.arange(emb.shape[0], device=emb.device)
         return Candidates(emb, positive, None)
 
-    def contrastive_loss(self, h_src: Tensor, h_tgt: Tensor) -> Tensor:
+    def contrastive_loss(
+        self, h_src: Tensor, h_tgt: Tensor, src_lang: Tensor | None = None, tgt_lang: Tensor | None = None
+    ) -> Tensor:
         """``ctr_scale * mean_b InfoNCE`` with cosine / tau, anchors = sources, candidates = targets (``[B', D]`` each).
 
-        ``symmetric`` averages this source->target direction with the target->source one. ``center='batch'`` first
-        subtracts the mean of ``[h_src; h_tgt]`` from both (gradient included). 0 when ``B' <= 1`` (a single row has
-        no negative), as in the reference.
+        The cosine is taken in ``objective.similarity``'s space (:mod:`alignx.similarity`; the reference
+        ``cosine`` = the raw states; ``center`` subtracts the mean of ``[h_src; h_tgt]`` with its gradient; the
+        running spaces use the statistics of earlier steps, per language with ``src_lang``/``tgt_lang [B']``).
+        ``symmetric`` averages this source->target direction with the target->source one. 0 when ``B' <= 1`` (a
+        single row has no negative), as in the reference.
         """
+        self._stage(h_src, h_tgt, src_lang, tgt_lang)
         if h_src.shape[0] <= 1:
             return h_src.new_zeros((), dtype=torch.float32)
-        if self.cfg.center == "batch":
-            mean = torch.cat([h_src, h_tgt]).mean(0)
-            h_src, h_tgt = h_src - mean, h_tgt - mean
-        loss = self._info_nce(h_src, self.gather_candidates(h_tgt))
+        both = torch.cat([h_src, h_tgt])
+        z_src, z_tgt = self.space(h_src, src_lang, both), self.space(h_tgt, tgt_lang, both)
+        cand = self.gather_candidates(z_tgt)
+        loss = self._info_nce(z_src, cand)
+        self.diagnostics = contrastive_diagnostics(
+            h_src, h_tgt, z_src, cand.embeddings, cand.positive_index, self.cfg.temperature, src_lang, tgt_lang
+        )
         if self.cfg.symmetric:
-            loss = 0.5 * (loss + self._info_nce(h_tgt, self.gather_candidates(h_src)))
+            loss = 0.5 * (loss + self._info_nce(z_tgt, self.gather_candidates(z_src)))
         return self.cfg.ctr_scale * loss
+
+    def _stage(self, h_src: Tensor, h_tgt: Tensor, src_lang: Tensor | None, tgt_lang: Tensor | None) -> None:
+        """Stage this training micro-batch's kept pooled states for the running statistics (no-op in eval)."""
+        if not (self.space.running and torch.is_grad_enabled()):
+            return
+        if src_lang is None or tgt_lang is None:
+            src_lang = tgt_lang = torch.full((h_src.shape[0],), -1, dtype=torch.long, device=h_src.device)
+        self.space.stage(torch.cat([h_src, h_tgt]), torch.cat([src_lang, tgt_lang]), self._micro)
+        self._micro += 1
 
     def _info_nce(self, anchors: Tensor, cand: Candidates, reduction: str = "mean") -> Tensor:
         info_nce = kernel_op("info_nce")
@@ -447,6 +531,9 @@ class AlignXObjective:
         cfg = self.cfg
         if cfg.center not in ("none", "batch"):
             raise ConfigError(f"objective.center must be 'none' or 'batch', got {cfg.center!r}")
+        self.space: SimilaritySpace = build_space(cfg)
+        self.diagnostics: dict[str, Tensor] = {}  # diag/... of the last forward
+        self._micro = 0  # training micro-batches staged in this optimizer step
         if cfg.center == "batch" and cfg.negatives == "global+queue":
             raise ConfigError(
                 "objective.center='batch' centres on the current batch, which queued negatives of earlier steps do not "
@@ -518,9 +605,7 @@ class AlignXObjective:
         anchor = gathered.sum() * 0.0
 
         h_src, h_tgt = pooled_align[kept, 0], pooled_align[kept, 1]
-        if self.cfg.center == "batch" and sizes.total > 0:
-            mean = torch.cat([x_all, y_all]).mean(0)  # the same on every rank
-            h_src, h_tgt, x_all, y_all = h_src - mean, h_tgt - mean, x_all - mean, y_all - mean
+        self._stage(h_src, h_tgt, src_lang[kept], tgt_lang[kept])
         ctr = self._global_contrastive(h_src, h_tgt, x_all, y_all, langs, sizes, hidden_align.dtype)
         if sizes.total == 0:
             # No kept row on any rank: a zero that still runs the head (same module sequence on every rank).
@@ -549,30 +634,56 @@ class AlignXObjective:
         the gathered rows for :meth:`end_step`. 0 when there is no anchor or fewer than 2 candidates (reference).
         """
         n_total, n_local = sizes.total, h_src.shape[0]
-        directions = [(h_src, y_all, self.queue, langs[:, 1])]
+        space, both = self.space, torch.cat([x_all, y_all])  # ``center`` subtracts the gathered batch's mean
+        src_local, tgt_local = langs[sizes.offset : sizes.offset + n_local].unbind(1)
+        directions = [(h_src, src_local, y_all, self.queue, langs[:, 1])]
         if self.cfg.symmetric:
-            directions.append((h_tgt, x_all, self.source_queue, langs[:, 0]))
+            directions.append((h_tgt, tgt_local, x_all, self.source_queue, langs[:, 0]))
         n_queued = self.queue.size if self.queue is not None else 0
         self.last_candidates = n_total + n_queued
         positive = sizes.offset + torch.arange(n_local, device=h_src.device)
         total = h_src.new_zeros((), dtype=torch.float32)
-        for anchors, live, queue, live_langs in directions:
+        for i, (anchors, anchor_langs, live, queue, live_langs) in enumerate(directions):
             if n_total >= 1 and n_total + n_queued > 1:
+                z_anchors = space(anchors, anchor_langs, both)
                 if queue is None:
-                    cand = Candidates(live, positive, None)
+                    cand = Candidates(space(live, live_langs, both), positive, None)
                 else:
+                    # The queue holds raw rows: the whole [live; queued] set is mapped with this step's statistics
+                    # (a no-op view for the reference cosine). The queued rows get no gradient from the kernel,
+                    # so with ``center`` the batch mean gets none through them either.
                     queue.ensure(live.shape[1], train_dtype, live.device, live_rows=n_total)
-                    cand = Candidates(queue.candidates(live), positive, n_total)
-                    anchors = anchors.to(train_dtype)
-                total = total + self._info_nce(anchors, cand, reduction="sum")
+                    raw = queue.candidates(live)
+                    cand_langs = torch.cat([live_langs, queue.slot_langs()])
+                    cand = Candidates(space(raw, cand_langs, both).to(train_dtype), positive, n_total)
+                    z_anchors = z_anchors.to(train_dtype)
+                if i == 0 and n_local > 0:
+                    live_z = cand.embeddings[:n_total]
+                    self.diagnostics = contrastive_diagnostics(
+                        anchors, live, z_anchors, live_z, positive, self.cfg.temperature, anchor_langs, live_langs
+                    )
+                total = total + self._info_nce(z_anchors, cand, reduction="sum")
             if queue is not None and torch.is_grad_enabled():
                 queue.stage(live.detach(), live_langs)
         scale = global_mean_scale(sizes) / len(directions)
         return self.cfg.ctr_scale * scale * total
 
     def end_step(self, step: int = -1) -> int:
-        """After an optimizer step: append the rows staged by its forwards to the queues; returns the rows added."""
+        """After an optimizer step (every rank): append the rows staged by its forwards to the queues and to the
+        similarity space's running statistics; returns the rows added to the queues."""
+        self._micro = 0
+        if self.uses_head:
+            self.space.end_step(self.group)
         return sum(q.commit(step) for q in self.queues.values())
+
+    def similarity_state(self) -> dict[str, Any] | None:
+        """The running statistics of the similarity space for a checkpoint (None for a space without them)."""
+        return self.space.state_dict() if self.uses_head else None
+
+    def load_similarity_state(self, state: Mapping[str, Any] | None) -> None:
+        """Restore :meth:`similarity_state` exactly (an error if the checkpoint and this run disagree)."""
+        if self.uses_head:
+            self.space.load_state_dict(state)
 
     def negatives_state(self) -> dict[str, Any] | None:
         """The queues' state for a checkpoint (None without a queue); identical on every rank."""

@@ -63,6 +63,7 @@ import random
 import shutil
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,10 @@ from alignx.engine import (
     prune_checkpoints,
 )
 from alignx.metrics import MetricsLogger, format_table
+from alignx.monitor import InertAlignmentMonitor
+from alignx.objective import DIAG
 from alignx.schedule import export_dir, stage_dir
+from alignx.similarity import build_space
 
 __all__ = ["RunResult", "Trainer", "TrainingError"]
 
@@ -91,6 +95,23 @@ MEAN_TERMS = ("loss", "ntp", "ctr", "lam")
 COUNT_TERMS = ("rows_kept", "rows_dropped")
 ROW_COLUMNS = ["input_ids", "labels", "span_ids", "src_lang", "tgt_lang"]
 NEGATIVES_FILE = "negatives_queue"  # <checkpoint>/negatives_queue.pt, written once (identical on every rank)
+SIMILARITY_FILE = "similarity_stats"  # <checkpoint>/similarity_stats.pt: running statistics of the similarity space
+# The contrastive diagnostics the objective reports (alignx.objective.contrastive_diagnostics), logged as train/<key>.
+DIAG_KEYS = (
+    "top1",
+    "chance",
+    "nce_ratio",
+    "pos_sim",
+    "pos_sim_std",
+    "neg_sim",
+    "neg_sim_std",
+    "raw_cos",
+    "raw_cos_std",
+    "raw_top1",
+    "top_dims_share",
+    "same_lang_top",
+    "trained",
+)
 
 
 class TrainingError(RuntimeError):
@@ -165,6 +186,13 @@ class Trainer:
         # A recipe's own records, columns, collator and batch order (alignx.recipes; None = the shared pipeline).
         self.recipe = data_hooks(cfg)
         self._order_rows: Any = None
+        self._direction_strata: list[tuple[int, int]] | None = None
+        self._align_probe: dict[str, Any] | None = None  # model.align_layer=auto: the measurement
+        self._monitor = InertAlignmentMonitor(
+            cfg.objective.inert_warn_steps,
+            cfg.objective.inert_tolerance,
+            build_space(cfg.objective).name if cfg.objective.kind == "alignx" else "cosine",
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # The story
@@ -185,12 +213,18 @@ class Trainer:
             lm = load_causal_lm(self.cfg.model)
         engine = Engine(AlignXModel(lm, self.cfg), self.cfg, plan.total_steps)
         start = self._resume(engine, plan, resume_tag)
+        if self.cfg.model.align_layer == "auto" and engine.module.lang_head is not None:
+            if start == 0:
+                self._auto_align_layer(engine, data, tokenizer)
+            self.cfg.model.align_layer = engine.module.align_layer  # the saved config records the choice
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
         metrics = MetricsLogger(
             self.run_dir, enabled=self.dist.is_main, tensorboard=self.cfg.train.tensorboard, resume_step=start
         )
         if start == 0:
+            if self._align_probe is not None:
+                metrics.log(0, {"align/layer": float(self._align_probe["layer"])})
             drops = {f"data/dropped/{k}": v for k, v in data.drops.items()}
             drops.update({f"data/eval_dropped/{k}": v for k, v in data.stats.get("eval_drops", {}).items()})
             metrics.log(0, drops)
@@ -288,6 +322,10 @@ class Trainer:
         grad_accum = t.grad_accum_steps(self.dist.world_size)
         n_train = len(data.train)
         per_epoch = n_train // t.global_batch_size
+        strata = self._strata(data.train) if self.stage == 1 else None
+        if strata is not None:  # direction-homogeneous: whole micro-batches per direction only
+            chunks = sum(n // t.micro_batch_size for n in Counter(strata).values())
+            per_epoch = chunks * t.micro_batch_size // t.global_batch_size
         if per_epoch == 0:
             raise TrainingError(
                 f"{n_train} usable training records are fewer than one global batch of {t.global_batch_size} "
@@ -327,6 +365,43 @@ class Trainer:
         layout = "packed (no padding)" if self.cfg.data.packing else f"{self.cfg.data.padding_side}-padded"
         return f"{negatives}; {layout} micro-batches"
 
+    def _auto_align_layer(self, engine: Engine, data: Any, tokenizer: Any) -> None:
+        """``model.align_layer=auto``: measure the base model's retrieval per layer on a held-out slice and hook the
+        best middle layer (:mod:`alignx.layer_select`). Every rank runs the same forwards (ZeRO-3 gathers the
+        weights); rank 0's choice is broadcast."""
+        from alignx.data import Collator
+        from alignx.layer_select import choose_align_layer
+
+        assert self.dist is not None
+        rows = data.eval if data.eval is not None and len(data.eval) > 0 else data.train
+        n = min(self.cfg.model.align_probe_records, len(rows))
+        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.train.seed))[:n].tolist()
+        lengths = rows.select(pick)["length"]
+        pick = [i for _, i in sorted(zip(lengths, pick))]  # similar lengths together: less padding
+        cols = rows.select_columns(ROW_COLUMNS)
+        collate = Collator(tokenizer, padding_side=self.cfg.data.padding_side, pad_to_multiple_of=8)
+        m = self.cfg.train.micro_batch_size
+        batches = []
+        for k in range(0, n, m):
+            got = cols[pick[k : k + m]]
+            batches.append(collate([dict(zip(got, values)) for values in zip(*got.values())]))
+        t0 = time.time()
+        engine.eval()
+        result = choose_align_layer(engine.module.lm, batches, engine.module.num_layers)
+        engine.train()
+        if self.dist.world_size > 1:
+            box = [result]
+            dist.broadcast_object_list(box, src=0)
+            result = box[0]
+        engine.module.set_align_layer(result["layer"])
+        self._align_probe = result
+        best = ", ".join(f"{k}: {result['scores'][k]:.3f}" for k in result["candidates"])
+        self._say(
+            f"[train] model.align_layer=auto: layer {result['layer']} (source->target top-1 on {result['records']} "
+            f"held-out records per middle layer: {best}; reference middle {engine.module.num_layers // 2}; "
+            f"{time.time() - t0:.0f} s)"
+        )
+
     def _collator(self, tokenizer: Any) -> Any:
         from alignx.data import Collator, PackedCollator
 
@@ -357,18 +432,57 @@ class Trainer:
                 f"checkpoint {root / name} holds no negatives queue but this run uses objective.negatives="
                 f"{self.cfg.objective.negatives!r}; resume with the checkpoint's objective settings"
             )
+        self._resume_alignment(engine, client, root / name)
         self._say(f"[train] stage {self.stage}: resumed from {root / name} at step {step}")
         return step
 
+    def _resume_alignment(self, engine: Engine, client: dict[str, Any], where: Path) -> None:
+        """The similarity space's running statistics and the aligned layer of the checkpoint."""
+        module = engine.module
+        if not hasattr(module, "similarity_state"):
+            return
+        if client.get("similarity_stats"):
+            module.load_similarity_state(engine.load_shared(where.parent, where.name, SIMILARITY_FILE))
+        elif module.similarity_state() is not None:
+            raise TrainingError(
+                f"checkpoint {where} holds no similarity statistics but this run uses objective.similarity="
+                f"{self.cfg.objective.similarity!r}; resume with the checkpoint's objective settings"
+            )
+        layer = client.get("align_layer")
+        if layer is None or module.lang_head is None or int(layer) == module.align_layer:
+            return
+        if self.cfg.model.align_layer != "auto":
+            raise TrainingError(
+                f"checkpoint {where} aligned layer {layer}, this run has model.align_layer={module.align_layer}; "
+                "resume with the checkpoint's layer (or model.align_layer=auto)"
+            )
+        module.set_align_layer(int(layer))
+
     # ------------------------------------------------------------------------------------------------------------
     # The loop
+
+    def _strata(self, rows: Any) -> list[tuple[int, int]] | None:
+        """The direction of every record for ``data.batching=direction`` (None = mixed batches)."""
+        if self.cfg.data.batching != "direction":
+            return None
+        if self.recipe is not None and self.recipe.micro_batches is not None:
+            raise ConfigError(
+                f"data.batching=direction: objective.kind={self.cfg.objective.kind!r} orders its own batches "
+                "(language-balanced); use data.batching=mixed"
+            )
+        if "src_lang" not in rows.column_names or "tgt_lang" not in rows.column_names:
+            raise ConfigError("data.batching=direction needs src_lang and tgt_lang on every record (stage 1 data)")
+        return list(zip(rows["src_lang"], rows["tgt_lang"]))
 
     def _micro_batches(self, lengths: list[int], epoch: int, plan: Plan) -> list[list[int]]:
         from alignx.data import micro_batches
 
         assert self.dist is not None
+        extra: dict[str, Any] = {}
         if self.recipe is not None and self.recipe.micro_batches is not None:  # e.g. clmap: language-balanced
             micro_batches, lengths = self.recipe.micro_batches, self._order_rows
+        elif self._direction_strata is not None:
+            extra["strata"] = self._direction_strata
         return micro_batches(
             lengths,
             self.cfg.train.micro_batch_size,
@@ -379,6 +493,7 @@ class Trainer:
             group_by_length=self.cfg.data.group_by_length,
             drop_last=True,
             grad_accum=plan.grad_accum,
+            **extra,
         )
 
     def _train(
@@ -398,6 +513,7 @@ class Trainer:
         train = data.train.select_columns(self._row_columns())
         lengths = list(data.train["length"])
         self._order_rows = data.train
+        self._direction_strata = self._strata(data.train) if self.stage == 1 else None
         epoch_batches: tuple[int, list[list[int]]] | None = None
         window = _Window(self._unused_terms())
         history: dict[str, Any] = {"interrupted": False, "step": start, "train": [], "eval": [], "start": start}
@@ -425,7 +541,12 @@ class Trainer:
                 self._bar.update(1)
 
                 if done % t.log_every == 0 or done == plan.total_steps:
+                    steps_logged = window.steps
                     row = window.reduce(self.dist, engine)
+                    warning = self._monitor.update(row, steps_logged)
+                    if warning is not None:
+                        row["train/inert_warning"] = 1.0
+                        self._say(warning)
                     metrics.log(done, row)
                     history["train"].append((done, row))
                     self._bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}")
@@ -467,6 +588,7 @@ class Trainer:
             engine.backward(out["loss"])
             engine.step()
             window.add(out, *batch_tokens(batch))
+            window.add_diagnostics(getattr(engine.module, "diagnostics", {}))
         # The step's gathered embeddings enter the negatives queue now, after the update (a no-op without a queue).
         engine.module.end_step(step + 1)
         window.candidates.append(engine.module.objective.last_candidates)
@@ -530,6 +652,7 @@ class Trainer:
             cols = ds[idx]
             batch = collate([dict(zip(cols, values)) for values in zip(*cols.values())])
             window.add(engine(batch), *batch_tokens(batch))
+            window.add_diagnostics(getattr(engine.module, "diagnostics", {}))
         engine.train()
         row = window.reduce(self.dist, None, prefix="eval")
         for key in ("tokens_per_s", "positions_per_step", "padding_fraction"):
@@ -550,8 +673,13 @@ class Trainer:
         }
         queue = engine.module.negatives_state()
         client["negatives_queue"] = queue is not None
-        shared = {NEGATIVES_FILE: queue} if queue is not None else None
-        engine.save_checkpoint(self.ckpt_dir, f"step_{step}", client, shared=shared)
+        shared = {NEGATIVES_FILE: queue} if queue is not None else {}
+        stats = engine.module.similarity_state() if hasattr(engine.module, "similarity_state") else None
+        client["similarity_stats"] = stats is not None
+        if stats is not None:
+            shared[SIMILARITY_FILE] = stats
+        client["align_layer"] = getattr(engine.module, "align_layer", None)
+        engine.save_checkpoint(self.ckpt_dir, f"step_{step}", client, shared=shared or None)
         if self.dist.is_main:
             prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
 
@@ -594,6 +722,9 @@ class Trainer:
             "optimizer_state_numel_per_rank": per_rank,
             "checkpoint": str(self.ckpt_dir / (latest_tag(self.ckpt_dir) or "")),
             "export": str(out_dir) if out_dir else None,
+            "align_layer": getattr(engine.module, "align_layer", None),
+            "align_layer_probe": self._align_probe,
+            "alignment_warning": self._monitor.message,
         }
         if self.dist.is_main:
             import json
@@ -624,6 +755,7 @@ class _Window:
         self.lr: list[float] = []
         self.grad_norm: list[float] = []
         self.present: set[str] = set()
+        self.diag: dict[str, list[float]] = {}  # diag/... -> [sum, micro-batches that reported it]
         self.last_loss = float("nan")
         self.t0 = time.time()
 
@@ -637,6 +769,13 @@ class _Window:
         self.tokens += tokens
         self.positions += tokens if positions is None else positions
 
+    def add_diagnostics(self, diag: dict[str, torch.Tensor]) -> None:
+        """The contrastive diagnostics of one micro-batch (``diag/...``; none when it kept no row)."""
+        for key, value in diag.items():
+            acc = self.diag.setdefault(key, [0.0, 0.0])
+            acc[0] += float(value)
+            acc[1] += 1.0
+
     def reduce(self, info: DistInfo, engine: Engine | None, prefix: str = "train") -> dict[str, float]:
         """Means over all ranks' micro-batches (sums for counts); resets the window."""
         keys = MEAN_TERMS + COUNT_TERMS
@@ -648,6 +787,7 @@ class _Window:
             vec = vec.cpu()
         values = vec.tolist()
         micro, tokens, positions = values[-3:]
+        diag = self._reduce_diag(info)
         elapsed = max(time.time() - self.t0, 1e-9)
         row = {}
         for k, v in zip(keys, values):
@@ -657,6 +797,7 @@ class _Window:
         if self.steps > 0:
             row[f"{prefix}/positions_per_step"] = positions / self.steps
             row[f"{prefix}/padding_fraction"] = 1.0 - tokens / max(positions, 1.0)
+        row.update({f"{prefix}/{k.removeprefix(DIAG)}": v for k, v in diag.items()})
         if self.candidates and self.candidates[-1] > 0:  # global modes: the same on every rank
             row[f"{prefix}/candidates"] = float(self.candidates[-1])
         if engine is not None:
@@ -666,3 +807,15 @@ class _Window:
                 row[f"{prefix}/grad_norm"] = self.grad_norm[-1]
         self.__init__(self.skip)
         return row
+
+    def _reduce_diag(self, info: DistInfo) -> dict[str, float]:
+        """Means of the diagnostics over the micro-batches (of all ranks) that reported them. Every rank reduces
+        the same fixed key list (a rank without a kept row reports none), so the collective always matches."""
+        keys = [DIAG + k for k in DIAG_KEYS]
+        vec = torch.tensor([v for k in keys for v in self.diag.get(k, [0.0, 0.0])], dtype=torch.float64)
+        if info.world_size > 1:
+            vec = vec.to(info.device)
+            dist.all_reduce(vec)
+            vec = vec.cpu()
+        sums, counts = vec.view(-1, 2).unbind(1)
+        return {k: float(s / c) for k, s, c in zip(keys, sums.tolist(), counts.tolist()) if c > 0}

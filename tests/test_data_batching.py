@@ -196,3 +196,53 @@ def test_collator_accepts_a_columnar_batch() -> None:
     by_rows, by_columns = Collator(tok)(rows), Collator(tok)(columns)
     assert by_rows.keys() == by_columns.keys()
     assert all(torch.equal(by_rows[k], by_columns[k]) for k in by_rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Direction-homogeneous micro-batches (data.batching = direction)
+
+
+def _directions(n: int) -> list[tuple[int, int]]:
+    """Four directions of unequal sizes (en->sw, sw->en, en->hi, hi->en as ids)."""
+    dirs = [(0, 1), (1, 0), (0, 2), (2, 0)]
+    return [dirs[i % 4] if i % 7 else dirs[0] for i in range(n)]
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+@pytest.mark.parametrize(("m", "world", "accum"), [(4, 1, 1), (3, 2, 2), (2, 2, 1)])
+def test_direction_batches_hold_one_direction_and_ranks_stay_disjoint(group_by_length, m, world, accum) -> None:
+    n = 97
+    lengths = [(i * 37) % 50 + 1 for i in range(n)]
+    strata = _directions(n)
+    seen: list[int] = []
+    per_rank = []
+    for rank in range(world):
+        kw = dict(world_size=world, rank=rank, seed=3, epoch=1, group_by_length=group_by_length, grad_accum=accum)
+        batches = micro_batches(lengths, m, strata=strata, **kw)
+        assert batches == micro_batches(lengths, m, strata=strata, **kw)  # a pure function: resume = suffix
+        per_rank.append(len(batches))
+        for b in batches:
+            assert len(b) == m and len({strata[i] for i in b}) == 1, [strata[i] for i in b]
+            seen += b
+    assert len(seen) == len(set(seen))  # every record at most once per epoch
+    assert len(set(per_rank)) == 1  # every rank runs the same number of micro-batches
+    counts = {d: strata.count(d) for d in set(strata)}
+    whole = sum(c // m for c in counts.values())
+    assert len(seen) == (whole // (world * accum)) * world * accum * m
+    other = micro_batches(lengths, m, strata=strata, world_size=world, rank=0, seed=3, epoch=2,
+                          group_by_length=group_by_length, grad_accum=accum)  # fmt: skip
+    assert other != micro_batches(lengths, m, strata=strata, world_size=world, rank=0, seed=3, epoch=1,
+                                  group_by_length=group_by_length, grad_accum=accum)  # fmt: skip
+
+
+def test_direction_batches_mix_directions_across_steps_and_put_the_longest_first() -> None:
+    n = 64
+    lengths = list(range(1, n + 1))
+    strata = _directions(n)
+    batches = micro_batches(lengths, 4, strata=strata, world_size=1, rank=0, seed=0, epoch=0, group_by_length=True)
+    assert max(lengths[i] for i in batches[0]) == n
+    assert len({strata[b[0]] for b in batches}) == 4
+    with pytest.raises(ValueError, match="no direction has 40 records"):
+        micro_batches(lengths, 40, strata=strata, world_size=1, rank=0, seed=0, epoch=0, group_by_length=True)
+    with pytest.raises(ValueError, match="strata has 3 entries"):
+        micro_batches(lengths, 4, strata=strata[:3], world_size=1, rank=0, seed=0, epoch=0, group_by_length=True)

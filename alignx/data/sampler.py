@@ -32,15 +32,22 @@ steps and ``G = m * W * A`` the global batch (records per optimizer step).
    only the layout of a micro-batch, never which records it holds.
 5. **Resume.** The list is a pure function of its arguments: after ``s`` optimizer steps of an epoch, a rank
    resumes at ``micro_batches(...)[s * A:]``.
+6. **Direction-homogeneous batches** (``strata``, ``data.batching = direction``): every micro-batch holds records
+   of one stratum (a ``(src_lang, tgt_lang)`` direction), so every contrastive candidate shares the anchor's target
+   language. Each stratum is ordered on its own (length-grouped into chunks of ``m`` or shuffled), cut into chunks
+   of ``m`` records (a stratum's last incomplete chunk is left out of the epoch with ``drop_last``, filled
+   cyclically from the stratum's own start otherwise), and the chunks are shuffled together; the chunk holding the
+   longest record goes first. The order is a pure function of ``(lengths, strata, m, G, seed, epoch)``: it depends
+   on ``m`` too (a chunk is a micro-batch), and stays resumable as in 5.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
-__all__ = ["epoch_order", "length_grouped_order", "micro_batches", "steps_per_epoch"]
+__all__ = ["direction_order", "epoch_order", "length_grouped_order", "micro_batches", "steps_per_epoch"]
 
 
 def length_grouped_order(lengths: Sequence[int], group_size: int, generator: torch.Generator) -> list[int]:
@@ -83,6 +90,53 @@ def epoch_order(
     return order
 
 
+def direction_order(
+    lengths: Sequence[int],
+    strata: Sequence[Hashable],
+    micro_batch_size: int,
+    global_batch: int,
+    *,
+    seed: int,
+    epoch: int,
+    group_by_length: bool,
+    drop_last: bool,
+) -> list[int]:
+    """The epoch order of direction-homogeneous micro-batches (step 6 of the module docstring), a multiple of
+    ``global_batch`` long, every aligned run of ``micro_batch_size`` positions from one stratum."""
+    if len(strata) != len(lengths):
+        raise ValueError(f"strata has {len(strata)} entries for {len(lengths)} records")
+    m = micro_batch_size
+    lengths = [int(x) for x in lengths]
+    generator = torch.Generator().manual_seed(int(seed) + int(epoch))
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(strata):
+        members.setdefault(key, []).append(i)
+    chunks: list[list[int]] = []
+    for key in sorted(members, key=repr):
+        idx = members[key]
+        sub = [lengths[i] for i in idx]
+        if group_by_length:
+            local = length_grouped_order(sub, m, generator)
+        else:
+            local = torch.randperm(len(idx), generator=generator).tolist()
+        order = [idx[j] for j in local]
+        if not drop_last and len(order) % m:
+            order += (order * m)[: m - len(order) % m]
+        chunks += [order[k : k + m] for k in range(0, len(order) - m + 1, m)]
+    if not chunks:
+        raise ValueError(f"no direction has {m} records for one homogeneous micro-batch (micro_batch_size={m})")
+    chunks = [chunks[j] for j in torch.randperm(len(chunks), generator=generator).tolist()]
+    if group_by_length:
+        top = max(range(len(chunks)), key=lambda j: max(lengths[i] for i in chunks[j]))
+        chunks[0], chunks[top] = chunks[top], chunks[0]
+    per_step = global_batch // m
+    if drop_last:
+        chunks = chunks[: (len(chunks) // per_step) * per_step]
+    else:
+        chunks += (chunks * per_step)[: (-len(chunks)) % per_step]
+    return [i for c in chunks for i in c]
+
+
 def micro_batches(
     lengths: Sequence[int],
     micro_batch_size: int,
@@ -94,6 +148,7 @@ def micro_batches(
     group_by_length: bool,
     drop_last: bool = True,
     grad_accum: int = 1,
+    strata: Sequence[Hashable] | None = None,
 ) -> list[list[int]]:
     """The record indices of this rank's micro-batches for one epoch, in order (see the module docstring).
 
@@ -106,6 +161,8 @@ def micro_batches(
         drop_last: drop the incomplete last optimizer step (True) or pad it cyclically (False).
         grad_accum: ``A``; with ``G = m * world_size * A`` the order depends only on ``G``, so pass it for the
             "same records per step for any (m, W, A) at fixed G" guarantee.
+        strata: one hashable per record (e.g. ``(src_lang, tgt_lang)``): direction-homogeneous micro-batches
+            (module docstring, step 6); None = the mixed order.
 
     Returns:
         ``n_steps * A`` lists of ``m`` indices (``n_steps = steps_per_epoch(...)``); rank ``r``'s ``j``-th list is
@@ -125,9 +182,26 @@ def micro_batches(
             f"{n} records are fewer than one global batch of {global_batch} (micro {micro_batch_size} x world "
             f"{world_size} x accumulation {grad_accum}); with drop_last there would be no step"
         )
-    order = epoch_order(
-        lengths, global_batch, seed=seed, epoch=epoch, group_by_length=group_by_length, drop_last=drop_last
-    )
+    if strata is not None:
+        order = direction_order(
+            lengths,
+            strata,
+            micro_batch_size,
+            global_batch,
+            seed=seed,
+            epoch=epoch,
+            group_by_length=group_by_length,
+            drop_last=drop_last,
+        )
+        if not order:
+            raise ValueError(
+                f"direction-homogeneous batching leaves fewer whole micro-batches than one global batch of "
+                f"{global_batch}; lower train.global_batch_size or use data.batching=mixed"
+            )
+    else:
+        order = epoch_order(
+            lengths, global_batch, seed=seed, epoch=epoch, group_by_length=group_by_length, drop_last=drop_last
+        )
     m = micro_batch_size
     n_micro = len(order) // m
     return [order[k * m : (k + 1) * m] for k in range(rank, n_micro, world_size)]
