@@ -369,25 +369,16 @@ class Trainer:
         """``model.align_layer=auto``: measure the base model's retrieval per layer on a held-out slice and hook the
         best middle layer (:mod:`alignx.layer_select`). Every rank runs the same forwards (ZeRO-3 gathers the
         weights); rank 0's choice is broadcast."""
-        from alignx.data import Collator
         from alignx.layer_select import choose_align_layer
 
         assert self.dist is not None
         rows = data.eval if data.eval is not None and len(data.eval) > 0 else data.train
         n = min(self.cfg.model.align_probe_records, len(rows))
         pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.train.seed))[:n].tolist()
-        lengths = rows.select(pick)["length"]
-        pick = [i for _, i in sorted(zip(lengths, pick))]  # similar lengths together: less padding
-        cols = rows.select_columns(ROW_COLUMNS)
-        collate = Collator(tokenizer, padding_side=self.cfg.data.padding_side, pad_to_multiple_of=8)
-        m = self.cfg.train.micro_batch_size
-        batches = []
-        for k in range(0, n, m):
-            got = cols[pick[k : k + m]]
-            batches.append(collate([dict(zip(got, values)) for values in zip(*got.values())]))
+        chosen = rows.select(pick).select_columns(["input_ids", "span_ids", "src_lang", "tgt_lang"])
         t0 = time.time()
         engine.eval()
-        result = choose_align_layer(engine.module.lm, batches, engine.module.num_layers)
+        result = choose_align_layer(engine.module.lm, chosen, engine.module.num_layers, tokenizer.bos_token_id)
         engine.train()
         if self.dist.world_size > 1:
             box = [result]

@@ -1,6 +1,7 @@
 """``model.align_layer: auto`` (:mod:`alignx.layer_select`): the planted layer of a tiny model is found.
 
-The model: a tiny Llama whose embeddings are one-hot and whose 8 decoder blocks are replaced (instance ``forward``;
+Source and target are encoded as separate sentences. The model: a tiny Llama whose embeddings are one-hot and whose
+8 decoder blocks are replaced (instance ``forward``;
 the HF hidden-state recorder still sees the blocks) by identities, except block 5, which adds a large vector shared
 by a source token and its translation, and block 6, which removes it again. Only ``hidden_states[5]`` aligns
 translations; every other layer holds disjoint one-hot means (chance retrieval). The reference middle is 4.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignx.layer_select import choose_align_layer, middle_layers, pick_layer, retrieval_by_layer
+from alignx.layer_select import choose_align_layer, middle_layers, pick_layer, retrieval_by_layer, standalone_batches
 from alignx.testing import tiny_causal_lm
 
 V = H = 64
@@ -48,42 +49,39 @@ def planted_model() -> torch.nn.Module:
     return lm
 
 
-def batches(lm: torch.nn.Module, n: int = 24, micro: int = 8) -> list[dict[str, torch.Tensor]]:
-    """Right-padded stage-1 style rows, half A->B, half B->A: BOS, filler, source span, filler, target span, EOS."""
+def records(lm: torch.nn.Module, n: int = 24) -> list[dict]:
+    """Tokenised stage-1 style records, half A->B, half B->A: BOS, filler, source span, filler, target span, EOS."""
     g = torch.Generator().manual_seed(2)
     rows = []
     for i in range(n):
         words = torch.randint(0, WORDS, (int(torch.randint(4, 8, (1,), generator=g)),), generator=g)
         a, b = A0 + words, A0 + WORDS + lm.perm[words]
-        src, tgt, langs = (a, b, (0, 1)) if i % 2 == 0 else (b, a, (1, 0))
+        src, tgt, (sl, tl) = (a, b, (0, 1)) if i % 2 == 0 else (b, a, (1, 0))
         ids = [1, 3, *src.tolist(), 3, *tgt.tolist(), 2]
         spans = [0, 0] + [1] * len(src) + [0] + [2] * len(tgt) + [0]
-        rows.append((ids, spans, langs))
-    out = []
-    for k in range(0, n, micro):
-        chunk = rows[k : k + micro]
-        t = max(len(r[0]) for r in chunk)
-        ids = torch.zeros(len(chunk), t, dtype=torch.long)
-        spans, mask = torch.zeros_like(ids), torch.zeros_like(ids)
-        for j, (r_ids, r_spans, _) in enumerate(chunk):
-            ids[j, : len(r_ids)], spans[j, : len(r_ids)], mask[j, : len(r_ids)] = (
-                torch.tensor(r_ids), torch.tensor(r_spans), 1
-            )  # fmt: skip
-        out.append({
-            "input_ids": ids, "attention_mask": mask, "span_ids": spans,
-            "src_lang": torch.tensor([r[2][0] for r in chunk]), "tgt_lang": torch.tensor([r[2][1] for r in chunk]),
-        })  # fmt: skip
-    return out
+        rows.append({"input_ids": ids, "span_ids": spans, "src_lang": sl, "tgt_lang": tl})
+    return rows
 
 
 def test_auto_picks_the_planted_layer() -> None:
     lm = planted_model()
-    result = choose_align_layer(lm, batches(lm), LAYERS)
+    result = choose_align_layer(lm, records(lm), LAYERS, bos_token_id=1)
     scores = result["scores"]
     assert result["layer"] == PLANTED != LAYERS // 2
     assert scores[PLANTED] == 1.0
     assert max(s for k, s in enumerate(scores) if k != PLANTED) < 0.5, scores
     assert result["records"] == 24 and result["candidates"] == [2, 3, 4, 5, 6]
+
+
+def test_sentences_are_encoded_on_their_own() -> None:
+    """The probe never shows a target its source: each side is its own [BOS] + span sequence, BOS not pooled."""
+    rows = [{"input_ids": [1, 9, 10, 11, 12, 2], "span_ids": [0, 1, 1, 0, 2, 0], "src_lang": 0, "tgt_lang": 1}]
+    (batch,) = standalone_batches(rows, bos_token_id=1)
+    assert batch["input_ids"].tolist() == [[1, 9, 10], [1, 12, 0]]
+    assert batch["span_ids"].tolist() == [[0, 1, 1], [0, 1, 0]] and batch["side"].tolist() == [0, 1]
+    (no_bos,) = standalone_batches(rows, bos_token_id=None)
+    assert no_bos["input_ids"].tolist() == [[9, 10], [12, 0]]
+    assert no_bos["span_ids"].tolist() == [[0, 1], [1, 0]]  # first token excluded unless it is the only one
 
 
 def test_pick_layer_stays_in_the_middle_and_breaks_ties_toward_it() -> None:
