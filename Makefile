@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 demo: install-demo
-	$(PY) -m alignx.cli demo
+	$(PY) -m alignx.cli demo $(DEMO_ARGS)
 
 bench: install
 	$(PY) -m benchmarks.run --device cpu

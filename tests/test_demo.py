@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from alignx.config import load_config
-from alignx.demo import demo_overrides, parser
+from alignx.demo import demo_overrides, parse_args, parser
 
 
 def test_demo_defaults_make_a_valid_config(tmp_path: Path) -> None:
@@ -28,3 +28,18 @@ def test_demo_centred_objective_and_bad_center(tmp_path: Path) -> None:
     assert cfg.objective.center == "batch" and cfg.train.max_steps == 3
     with pytest.raises(SystemExit):
         parser().parse_args(["--center", "layer"])
+
+
+def test_demo_defaults_are_the_measured_alignment_settings_and_the_reference_is_one_flag(tmp_path: Path) -> None:
+    cfg = load_config(None, demo_overrides(parse_args([]), tmp_path, tmp_path))
+    assert (cfg.objective.similarity, cfg.objective.similarity_per_language) == ("whiten", True)
+    assert cfg.data.batching == "direction" and cfg.model.align_layer == "auto"
+    ref = load_config(None, demo_overrides(parse_args(["--reference"]), tmp_path, tmp_path))
+    assert (ref.objective.similarity, ref.objective.similarity_per_language) == ("cosine", False)
+    assert ref.data.batching == "mixed" and ref.model.align_layer is None and ref.objective.center == "none"
+    centred = load_config(None, demo_overrides(parse_args(["--center", "batch"]), tmp_path, tmp_path))
+    assert centred.objective.similarity == "center"
+    assert (
+        load_config(None, demo_overrides(parse_args(["--align-layer", "11"]), tmp_path, tmp_path)).model.align_layer
+        == 11
+    )
