@@ -148,7 +148,20 @@ def parser() -> argparse.ArgumentParser:
         help="data.batching: one language direction per micro-batch (direction; reference: mixed)",
     )
     p.add_argument("--labels", choices=("all", "response"), default="all", help="data.labels (all = reference)")
-    p.add_argument("--stage1-only", action="store_true", help="stop after stage 1 and its evaluation (ablations)")
+    p.add_argument(
+        "--stages",
+        choices=("all", "1", "2"),
+        default="all",
+        help="all (default); 1 = stage 1 and its evaluation only (ablations); 2 = stage 2 from the stage-1 export "
+        "already in --out, then both evaluations",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any further config override of the training run, e.g. --set objective.negatives=global+queue",
+    )
     p.add_argument(
         "--base-result",
         default=None,
@@ -167,7 +180,7 @@ def _set_align_layer(path: Path, layer: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``alignx demo``; returns the exit status."""
-    from alignx.config import ConfigError, load_config
+    from alignx.config import ConfigError, load_config, parse_overrides
     from alignx.data.build import build, format_stats
     from alignx.data.sources import SourceError
     from alignx.eval.cli import EvalError, evaluate, load_eval_units, load_model
@@ -190,7 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(format_stats(summary["per_language"]), flush=True)
         units = load_eval_units(langs, data=data)
-        cfg = load_config(None, demo_overrides(args, data, train_dir))
+        cfg = load_config(
+            None, {**demo_overrides(args, data, train_dir), **parse_overrides([f"--{item}" for item in args.set])}
+        )
     except (SourceError, EvalError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -227,9 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_train:
         from alignx.schedule import export_dir, run_stages
 
-        stages = "1" if args.stage1_only else "all"
         print(f"[demo] 3/5 training stage 1 ({args.steps} steps) and stage 2 ({args.stage2_steps} steps)", flush=True)
-        code = run_stages(cfg, stages)
+        code = run_stages(cfg, args.stages)
         if code != 0:
             print(f"error: training stopped with status {code}; resume with --resume auto", file=sys.stderr)
             return code
@@ -238,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _set_align_layer(eval_dir / "base.json", layer)
         print("[demo] 4/5 evaluating after stage 1 and after stage 2", flush=True)
         run_eval(str(export_dir(cfg, 1)), "stage1", layer)
-        if not args.stage1_only:
+        if args.stages != "1":
             run_eval(str(export_dir(cfg, 2)), "stage2", layer)
     paths = write_report(collect_results(eval_dir), eval_dir)
     print(f"[demo] 5/5 done in {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)

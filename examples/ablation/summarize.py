@@ -65,14 +65,49 @@ def table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_spread(out: Path) -> None:
+    """Positive and negative similarities (mean ± spread) and in-batch top-1 over stage 1, one panel per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [("reference", DEMO / "stage1_metrics.jsonl")]
+    runs += [
+        (d.name, d / "stage1_metrics.jsonl") for d in sorted(HERE.iterdir()) if (d / "stage1_metrics.jsonl").is_file()
+    ]
+    runs = [(n, p) for n, p in runs if any("train/pos_sim" in line for line in p.read_text().splitlines())]
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.4), squeeze=False)
+    for ax, (name, path) in zip(axes[0], runs):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if "train/loss" in line]
+        steps = [r["step"] for r in rows]
+        for key, color in (("pos_sim", "tab:green"), ("neg_sim", "tab:red")):
+            mean = [r[f"train/{key}"] for r in rows]
+            std = [r[f"train/{key}_std"] for r in rows]
+            ax.plot(steps, mean, color=color, label=key.replace("_sim", "itives" if key == "pos_sim" else "atives"))
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=color, alpha=0.2)  # fmt: skip
+        ax.plot(steps, [r["train/top1"] for r in rows], color="black", linestyle=":", label="in-batch top-1")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.3, 1.05)
+    axes[0][0].set_ylabel("cosine in the similarity space")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--write", action="store_true", help="also write examples/ablation/table.md")
+    p.add_argument("--write", action="store_true", help="also write examples/ablation/table.md and the plot")
     args = p.parse_args()
     text = table()
     print(text)
     if args.write:
         (HERE / "table.md").write_text(text)
+        plot_spread(HERE / "similarity_spread.png")
 
 
 if __name__ == "__main__":
