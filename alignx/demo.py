@@ -242,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_train:
         from alignx.schedule import export_dir, run_stages
 
-        print(f"[demo] 3/5 training stage 1 ({args.steps} steps) and stage 2 ({args.stage2_steps} steps)", flush=True)
+        parts = {"1": f"stage 1 ({args.steps} steps)", "2": f"stage 2 ({args.stage2_steps} steps)"}
+        what = " and ".join(parts.values()) if args.stages == "all" else parts[args.stages]
+        print(f"[demo] 3/5 training {what}", flush=True)
         code = run_stages(cfg, args.stages)
         if code != 0:
             print(f"error: training stopped with status {code}; resume with --resume auto", file=sys.stderr)
