@@ -370,3 +370,39 @@ def test_two_ranks_build_the_statistics_of_one_process(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1:])
+
+
+def test_running_space_packed_equals_padded_and_runs_in_bf16() -> None:
+    """A packed micro-batch gives the padded batch's terms and gradients in a running space (same statistics); the
+    bf16 model gives a finite term close to fp32's (the map acts on the pooled fp32 vectors)."""
+    import copy
+
+    from test_dist_negatives import VOCAB, make_cfg, make_records
+
+    from alignx.data import Collator, PackedCollator
+    from alignx.model import AlignXModel
+    from alignx.testing import tiny_causal_lm
+
+    records = make_records(6, seed=8, dropped=(2,))
+    over = {"data.packing": True, "objective.similarity": "whiten", "objective.similarity_per_language": True}
+    lm = tiny_causal_lm("llama", vocab_size=VOCAB, num_layers=3, hidden=32)
+    torch.manual_seed(0)
+    packed_model = AlignXModel(lm, make_cfg(**over)).train()
+    packed_model(**PackedCollator()(make_records(6, seed=9)))  # one step of statistics
+    packed_model.end_step(1)
+    assert packed_model.objective.space.trusted
+    padded_model = copy.deepcopy(packed_model)
+    padded_batch = Collator(pad_token_id=0, padding_side="right")(records)
+    got, want = packed_model(**PackedCollator()(records)), padded_model(**padded_batch)
+    got["loss"].backward()
+    want["loss"].backward()
+    for key in ("loss", "ntp", "ctr", "lam"):
+        assert float(got[key].detach()) == pytest.approx(float(want[key].detach()), abs=1e-5, rel=0), key
+    assert float(got["ctr"]) > 0
+    for (name, p), (_, q) in zip(packed_model.named_parameters(), padded_model.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=0, msg=name)
+    bf16 = copy.deepcopy(padded_model).to(torch.bfloat16)
+    with torch.no_grad():
+        low = bf16(**padded_batch)
+    assert torch.isfinite(low["ctr"]) and abs(float(low["ctr"]) - float(want["ctr"])) < 0.1 * float(want["ctr"]) + 0.05
