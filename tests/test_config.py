@@ -45,3 +45,12 @@ def test_save_roundtrip(tmp_path: Path) -> None:
 def test_override_syntax_error() -> None:
     with pytest.raises(ConfigError, match="expected an override"):
         parse_overrides(["temperature=0.1"])
+
+
+def test_exponent_without_a_dot_is_a_number() -> None:
+    """YAML 1.1 reads ``3e-5`` as a string; a learning rate typed that way on the command line must still work."""
+    from alignx.config import ConfigError, load_config
+
+    assert load_config(None, ["--optim.lr=3e-5"]).optim.lr == 3e-5
+    with pytest.raises(ConfigError, match="optim.lr must be a number"):
+        load_config(None, ["--optim.lr=fast"])
