@@ -331,8 +331,8 @@ def test_logits_never_materialised(backend, device) -> None:
 def test_chunk_arithmetic() -> None:
     assert lce._torch_chunk_rows(262144, lce.DEFAULT_CHUNK_BYTES) == 256  # Gemma 3: 256 rows of 1 MiB
     assert lce._torch_chunk_rows(128256, lce.DEFAULT_CHUNK_BYTES) == 523
-    rows = lce._triton_chunk_rows(128256, torch.bfloat16, lce.DEFAULT_CHUNK_BYTES, 128)
-    assert rows % 128 == 0 and rows * 128256 * 6 <= lce.DEFAULT_CHUNK_BYTES < (rows + 128) * 128256 * 6
+    rows = lce._triton_chunk_rows(128256, torch.bfloat16, lce.TRITON_CHUNK_BYTES, 128)
+    assert rows == 1280 and rows * 128256 * 6 <= lce.TRITON_CHUNK_BYTES < (rows + 128) * 128256 * 6
     assert lce._triton_chunk_rows(10**7, torch.float32, 1 << 20, 128) == 1  # a budget under one row: one row
 
 
