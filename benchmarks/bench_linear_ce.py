@@ -203,7 +203,7 @@ TINY = Shape(
     "N=32 D=16 V=96 fp32",
     {"N": 32, "D": 16, "V": 96, "dtype": "fp32"},
     modes=MODES,
-    tags=("gemma", "vocab-128k"),
+    tags=("gemma",),
 )
 
 BENCH = Bench(

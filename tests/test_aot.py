@@ -35,7 +35,7 @@ NEGATIVE_CONTROLS = {
 
 @pytest.fixture(scope="module")
 def run() -> Run:
-    return aot.run_in_subprocess([*aot.KERNEL_MODULES, SAMPLES], ARCHS, d=D, jobs=2, timeout=600)
+    return aot.run_in_subprocess([*aot.KERNEL_MODULES, SAMPLES], ARCHS, d=D, jobs=2, timeout=850)
 
 
 def _results(report: aot.Report, module: str, arch: str) -> list[aot.Result]:

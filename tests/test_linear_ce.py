@@ -165,11 +165,11 @@ def test_matches_the_objective_chunked_loss_on_shifted_labels(backend, device) -
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_and_partial_grad(backend, device, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under no_grad no gradient is formed (Triton: the forward kernel alone); with one input requiring grad only
-    that gradient is formed (one GEMM per chunk) and it matches the oracle."""
-    case = Case(14, 24, 100, ignored=(1,))
+    """Under no_grad no gradient is formed (Triton: the forward kernel alone, soft-cap and scale applied in it); with
+    one input requiring grad only that gradient is formed (one GEMM per chunk) and it matches the oracle."""
+    case = Case(14, 24, 100, ignored=(1,), w_std=1.0)
     h, w, y = case.inputs(torch.float32, device)
-    want = linear_cross_entropy_ref(h, w, y)[0]
+    want = linear_cross_entropy_ref(h, w, y, softcap=3.0, logit_scale=0.5)[0]
     calls = []
     real = lce._torch_fwd
 
@@ -179,7 +179,7 @@ def test_no_grad_and_partial_grad(backend, device, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(lce, "_torch_fwd", spy)
     with torch.no_grad():
-        loss, count = linear_cross_entropy(h.requires_grad_(), w, y, backend=backend)
+        loss, count = linear_cross_entropy(h.requires_grad_(), w, y, softcap=3.0, logit_scale=0.5, backend=backend)
     h.requires_grad_(False)
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-5)
     assert int(count) == 13 and not loss.requires_grad
