@@ -17,11 +17,12 @@ from pathlib import Path
 
 from .harness import RESULTS_DIR
 
-BENCHES = ("span_pool", "info_nce", "lang_match", "step")
+BENCHES = ("span_pool", "info_nce", "lang_match", "linear_ce", "step")
 TITLES = {
     "span_pool": "Span mean-pooling (GB/s: minimal bytes; roofline = measured copy)",
     "info_nce": "InfoNCE (TFLOP/s: 2/6/8·B·N·D for fwd/bwd/full; roofline = measured GEMM)",
     "lang_match": "Language matching (pairs per second, M² per call)",
+    "linear_ce": "Linear cross-entropy: LM head + NTP loss (TFLOP/s: 6·N·D·V per fwd+bwd; roofline = measured GEMM)",
     "step": "Stage-1 training step (forward + backward)",
 }
 

@@ -1,4 +1,4 @@
-"""alignx.kernels: the fused hot-path ops (span mean-pooling, InfoNCE, language matching).
+"""alignx.kernels: the fused hot-path ops (span mean-pooling, InfoNCE, language matching, linear cross-entropy).
 
 Each op has four layers in one file (Triton kernels -> launchers -> autograd.Function -> public function), a
 memory-bounded torch path that runs on CPU, and an fp32 oracle in :mod:`alignx.kernels.reference`.
@@ -8,6 +8,7 @@ from . import reference
 from ._common import BACKENDS, interpreter_enabled, resolve_backend
 from .info_nce import info_nce
 from .lang_match import lang_match_loss
+from .linear_ce import linear_cross_entropy
 from .span_pool import span_mean_pool
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "info_nce",
     "interpreter_enabled",
     "lang_match_loss",
+    "linear_cross_entropy",
     "reference",
     "resolve_backend",
     "span_mean_pool",

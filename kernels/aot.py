@@ -72,7 +72,7 @@ from ._common import AOTSpec, interpreter_enabled
 
 #: Kernel modules of this package checked by default (relative to ``alignx.kernels``); each must expose
 #: ``aot_specs(d: int = 4096) -> list[AOTSpec]``. A missing module or a missing/empty ``aot_specs`` is a failure.
-KERNEL_MODULES: tuple[str, ...] = ("span_pool", "info_nce", "lang_match")
+KERNEL_MODULES: tuple[str, ...] = ("span_pool", "info_nce", "lang_match", "linear_ce")
 
 _SELF = f"{__package__}.aot"  # this module's import name, also when run as ``python -m`` (then __name__ is __main__)
 REGISTERS_PER_SM = 65536  # 64K 32-bit registers per SM on sm_80 .. sm_100

@@ -1,8 +1,9 @@
-"""fp32 torch references of the three hot-path ops, written the obvious way.
+"""fp32 torch references of the hot-path ops, written the obvious way.
 
 They are the test oracle, the benchmark baseline and the ``backend="reference"`` path. They materialise what the
-fused paths avoid (the one-hot span mask, the dense B x N logits, the [M, M, 2D] pair tensor) and are only meant for
-small and medium shapes. There is no second copy of these formulas anywhere in the project.
+fused paths avoid (the one-hot span mask, the dense B x N logits, the [M, M, 2D] pair tensor, the [N, V] LM-head
+logits) and are only meant for small and medium shapes. There is no second copy of these formulas anywhere in the
+project.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["span_mean_pool_ref", "info_nce_ref", "lang_match_loss_ref", "unpack_cu_seqlens"]
+__all__ = [
+    "span_mean_pool_ref",
+    "info_nce_ref",
+    "lang_match_loss_ref",
+    "linear_cross_entropy_ref",
+    "unpack_cu_seqlens",
+]
 
 
 def unpack_cu_seqlens(packed: torch.Tensor, cu_seqlens: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
@@ -110,3 +117,30 @@ def lang_match_loss_ref(
         return loss.mean()
     off_diag = ~torch.eye(m, dtype=torch.bool, device=loss.device)
     return loss[off_diag].mean()
+
+
+def linear_cross_entropy_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy of an LM head, through the dense fp32 logits.
+
+    hidden ``[N, D]``, weight ``[V, D]``, labels ``[N]`` (already shifted: ``labels[i]`` is the token predicted at
+    position ``i``; ``ignore_index`` = not counted). Only the counted rows are read (an ignored row may hold NaN)::
+
+        z[i, v] = logit_scale * <hidden[i], weight[v]>,   z <- softcap * tanh(z / softcap)  (when softcap is set)
+        loss_sum = sum_{i : labels[i] != ignore_index} (logsumexp_v z[i, v] - z[i, labels[i]])
+
+    Returns ``(loss_sum, count)``: fp32 0-dim and the int64 0-dim number of counted rows.
+    """
+    counted = (labels != ignore_index).nonzero().squeeze(1)
+    z = logit_scale * (hidden.index_select(0, counted).float() @ weight.float().t())  # [n, V]
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    loss_sum = F.cross_entropy(z, labels.index_select(0, counted).long(), reduction="sum")
+    return loss_sum, torch.tensor(counted.numel(), dtype=torch.int64, device=labels.device)

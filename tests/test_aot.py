@@ -24,7 +24,7 @@ SMEM_LIMIT = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}
 # Tensor-core instructions of a GEMM main loop: Hopper warpgroup MMA, Ampere warp-level MMA.
 TC_PTX = {"sm_90a": "wgmma.mma_async", "sm_80": "mma.sync.aligned"}
 # The ops whose kernels are GEMM-shaped (the issue names them): each must flag at least one spec gemm=True.
-GEMM_MODULES = ("info_nce", "lang_match")
+GEMM_MODULES = ("info_nce", "lang_match", "linear_ce")
 Run = tuple[aot.Report, subprocess.CompletedProcess]
 NEGATIVE_CONTROLS = {
     "neg_spill": "register spills",
@@ -35,7 +35,7 @@ NEGATIVE_CONTROLS = {
 
 @pytest.fixture(scope="module")
 def run() -> Run:
-    return aot.run_in_subprocess([*aot.KERNEL_MODULES, SAMPLES], ARCHS, d=D, jobs=2, timeout=600)
+    return aot.run_in_subprocess([*aot.KERNEL_MODULES, SAMPLES], ARCHS, d=D, jobs=2, timeout=850)
 
 
 def _results(report: aot.Report, module: str, arch: str) -> list[aot.Result]:

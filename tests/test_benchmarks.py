@@ -32,7 +32,7 @@ def _import_benchmarks():
 
 
 harness = _import_benchmarks()
-from benchmarks import bench_info_nce, bench_lang_match, bench_span_pool, bench_step, report  # noqa: E402
+from benchmarks import bench_info_nce, bench_lang_match, bench_linear_ce, bench_span_pool, bench_step, report  # noqa: E402
 
 COMMON = ["--tiny", "--no-memory", "--skip-compile", "--threads", "1"]
 
@@ -47,7 +47,7 @@ def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every script once at its tiny shape into one results folder (shared by the tests below)."""
     out = tmp_path_factory.mktemp("bench-results")
     args = [*COMMON, "--out-dir", str(out), "--run-id", "test-run"]
-    for module in (bench_span_pool, bench_info_nce, bench_lang_match):
+    for module in (bench_span_pool, bench_info_nce, bench_lang_match, bench_linear_ce):
         assert module.main(args) == 0
     step_args = ["--tiny", "--no-memory", "--no-search", "--threads", "1", "--rounds", "1"]
     assert bench_step.main([*step_args, "--out-dir", str(out), "--run-id", "test-run"]) == 0
@@ -172,6 +172,25 @@ def test_op_scripts_rows_and_same_function(tiny_results: Path) -> None:
         assert "compile" in skipped and "alignx-triton" in skipped and "CUDA" in skipped["alignx-triton"]
 
 
+def test_linear_ce_script_rows_and_same_function(tiny_results: Path) -> None:
+    """The dense HF head is the base; every other provider (today's chunked loss, torch's policies, alignx) computes
+    its loss and both gradients; the GPU-only providers are skipped with their reason; the claims are recorded."""
+    rows = [r for r in read_csv(tiny_results / "cpu.csv") if r["bench"] == "linear_ce" and r["shape"] != "roofline"]
+    assert {r["provider"] for r in rows} == {p.name for p in bench_linear_ce.BENCH.providers}
+    assert {r["mode"] for r in rows} == {"fwd", "full"}  # forward-time gradients: no separate backward mode
+    full = {r["provider"]: r for r in rows if r["mode"] == "full"}
+    assert full["hf"]["status"] == "ok" and not full["hf"]["max_rel_err"]  # the base
+    ran = {p for p, r in full.items() if r["status"] == "ok"}
+    assert {"hf", "objective", "alignx", "torch-lce-compact", "torch-lce-compact-bigchunk"} <= ran
+    for p in ran - {"hf"}:
+        assert full[p]["note"] == "err vs hf" and float(full[p]["max_rel_err"]) < 1e-5, (p, full[p]["max_rel_err"])
+    for p in ("alignx-triton", "liger", "cce"):
+        assert full[p]["status"] == "skipped" and full[p]["note"], p
+    ratios = [r for r in read_csv(tiny_results / "cpu_ratios.csv") if r["claim"].startswith("LinearCE")]
+    claims = " | ".join(r["claim"] for r in ratios)
+    assert "HF head + cross-entropy" in claims and "at its best policy (torch-lce-" in claims
+
+
 def test_official_idioms_ran(tiny_results: Path) -> None:
     rows = read_csv(tiny_results / "cpu.csv")
     ok = {(r["bench"], r["provider"]) for r in rows if r["status"] == "ok"}
@@ -191,7 +210,7 @@ def test_step_objectives_agree(tiny_results: Path) -> None:
 def test_verdicts_recorded(tiny_results: Path) -> None:
     ratios = read_csv(tiny_results / "cpu_ratios.csv")
     claims = " | ".join(r["claim"] for r in ratios)
-    for needle in ("InfoNCE", "LangMatch", "Span pooling", "Stage-1 step"):
+    for needle in ("InfoNCE", "LangMatch", "LinearCE", "Span pooling", "Stage-1 step"):
         assert needle in claims
     assert {r["verdict"] for r in ratios} <= {"PASS", "MISS", "N/A", "INFO"}
     same = [r for r in ratios if "same loss and gradients" in r["claim"]]
@@ -202,7 +221,7 @@ def test_report_markdown_and_plots(tiny_results: Path) -> None:
     path = report.render("cpu", tiny_results)
     text = path.read_text()
     assert "## Ratios" in text and "masked-product" in text and "alignx-triton" in text
-    for bench in ("span_pool", "info_nce", "lang_match", "step"):
+    for bench in ("span_pool", "info_nce", "lang_match", "linear_ce", "step"):
         png = tiny_results / f"cpu_{bench}.png"
         assert png.exists() and png.stat().st_size > 1000
         assert f"({png.name})" in text
