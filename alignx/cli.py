@@ -57,6 +57,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run config (configs/*.yaml); defaults if omitted")
     p.add_argument("--stage", choices=["1", "2", "all"], default=None, help="stage(s) to run")
     p.add_argument("--resume", default=None, help="auto | none | a checkpoint directory (= --train.resume)")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="resume a checkpoint this user's key did not sign (= --train.trust_checkpoint=true)",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
     return p
 
@@ -67,6 +72,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     overrides = list(rest)
     if args.resume is not None:
         overrides.append(f"--train.resume={args.resume}")
+    if args.trust_checkpoint:
+        overrides.append("--train.trust_checkpoint=true")
     try:
         cfg = load_config(args.config, overrides)
         from alignx.schedule import check_stage_inputs, parse_stages

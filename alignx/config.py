@@ -219,6 +219,11 @@ class TrainConfig:
     log_every: int = doc(10, "Metrics logging interval in steps.")
     seed: int = doc(42, "Seed of data order, splits and initialisation.")
     resume: str = doc("none", "'auto' = latest checkpoint in the run directory, 'none', or a checkpoint path.")
+    trust_checkpoint: bool = doc(
+        False,
+        "Resume a checkpoint that this user's key did not sign (copied from elsewhere, written by an older alignx). "
+        "Resuming unpickles it, which can run code: only for checkpoints you trust (alignx/trust.py).",
+    )
     tensorboard: bool = doc(True, "Write TensorBoard events next to the JSONL metrics.")
 
     def grad_accum_steps(self, world_size: int) -> int:

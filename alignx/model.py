@@ -161,11 +161,13 @@ def load_causal_lm(model_cfg: ModelConfig) -> Any:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_cfg.dtype!r}")
     dtype = DTYPES[model_cfg.dtype]
     src = resolve_model_source(model_cfg.name_or_path, model_cfg.cache_dir)
+    # Weights are read from safetensors only: a pickled pytorch_model.bin in a directory someone else prepared could
+    # run code when loaded (GGUF files are plain data too).
     lm = AutoModelForCausalLM.from_pretrained(
         src.path,
         dtype=dtype,
         attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation, dtype),
-        **_gguf_kwargs(src),
+        **(_gguf_kwargs(src) or {"use_safetensors": True}),
     )
     lm.config.use_cache = False
     return lm

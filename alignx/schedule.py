@@ -5,7 +5,8 @@ Layout under ``train.output_dir``::
     stage1/                    stage 1 (AlignX objective)
         config.yaml            the resolved config this stage ran with (loadable by alignx.config.load_config)
         metrics.jsonl          + tensorboard/   (alignx.metrics)
-        checkpoints/step_<n>/  DeepSpeed checkpoints (+ per-rank RNG state), checkpoints/latest = newest complete
+        checkpoints/step_<n>/  DeepSpeed checkpoints (+ per-rank RNG state, + alignx_manifest.json: the files' SHA-256
+                               signed with this user's key), checkpoints/latest = newest complete
         export/                Hugging Face model directory, no language-matching head, + alignx_export.json
         summary.json           the final summary (also printed as a table)
     stage2/                    stage 2 (instruction tuning, NTP only), same layout, started from stage1/export

@@ -53,7 +53,10 @@ Distributed semantics (data parallel, ``W`` ranks)
   the checkpoint are dropped. Resuming with a different ``G`` or different data is refused, and so is a ZeRO >= 1
   checkpoint on a different number of ranks (its optimizer shards are per rank).
 * **SIGTERM** (a scheduler's pre-emption; the ``deepspeed`` launcher forwards it to every rank): the ranks agree at
-  the end of the current step, write a checkpoint, and exit with code 143 — ``--resume auto`` continues.
+  the end of the current step, write a checkpoint, and exit with code 143 — ``--resume auto`` continues. What the
+  launcher process returns depends on which process got the signal (README, "Exit codes").
+* **Trust.** A checkpoint is resumed only if this user's key signed its manifest (:mod:`alignx.trust`), checked by
+  every rank before anything is loaded; ``train.trust_checkpoint`` overrides it for a checkpoint from elsewhere.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ from alignx.engine import (
     latest_tag,
     partitioned_loading,
     prune_checkpoints,
+    verify_checkpoint,
 )
 from alignx.metrics import MetricsLogger, format_table
 from alignx.monitor import InertAlignmentMonitor
@@ -279,6 +283,12 @@ class Trainer:
             # A fresh start: metrics of an earlier attempt that never reached a checkpoint are stale.
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+        if tag is not None:
+            # Before anything is loaded: resuming unpickles the checkpoint, so it must be this user's (alignx.trust).
+            path = Path(tag) if Path(tag).is_absolute() else self.ckpt_dir / tag
+            doubt = verify_checkpoint(path, trusted=self.cfg.train.trust_checkpoint)
+            if doubt is not None:
+                self._say(f"[train] --trust-checkpoint: resuming {path} unverified ({doubt})")
         return tag
 
     def _rank0_first(self, fn):
