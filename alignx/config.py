@@ -111,6 +111,12 @@ class DataConfig:
         "compute on padding; FlashAttention varlen on GPU, a block-diagonal causal mask with sdpa/eager. Same losses "
         "as padded; the micro-batches (and so the negatives) are unchanged.",
     )
+    on_bad_lines: Literal["error", "skip"] = doc(
+        "error",
+        "Lines of an input file that hold no record (not UTF-8, malformed JSON, not an object): 'error' = one "
+        "validation pass lists every one of every file, then the run stops before training; 'skip' = they are "
+        "dropped and counted (data/dropped/<reason> in the metrics, dropped_records in the summary).",
+    )
     num_proc: int = doc(1, "Processes for tokenisation with datasets.map.")
     cache_dir: str | None = doc(None, "datasets cache directory (default: next to the run).")
 
