@@ -25,6 +25,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from alignx.config import Config, ConfigError, describe, load_config
 
@@ -92,6 +93,7 @@ def _run_training(cfg: Config, stage: str, config_path: str | None, overrides: l
     from alignx.data import DataError
     from alignx.engine import CheckpointError, shutdown_distributed
     from alignx.schedule import StageError, run_stages
+    from alignx.storage import StorageError, last_checkpoint, storage_failure
     from alignx.trainer import TrainingError
 
     created = not dist.is_initialized()  # leave a caller's process group alone (tests, notebooks)
@@ -103,8 +105,17 @@ def _run_training(cfg: Config, stage: str, config_path: str | None, overrides: l
     except ConfigError as e:
         _error("config error", e)
         return USAGE_ERROR
-    except (DataError, StageError, TrainingError, CheckpointError) as e:
+    except (DataError, StageError, TrainingError, CheckpointError, StorageError) as e:
         _error("error", e)
+        return RUN_ERROR
+    except Exception as e:
+        # A full disk or a read-only file system reaches us from deep inside torch, DeepSpeed or datasets, as
+        # whatever they wrap it in: told in one line with the checkpoint to continue from, not as their traceback.
+        failure = storage_failure(e, Path(cfg.train.output_dir))
+        if failure is None:
+            raise
+        last = last_checkpoint(cfg.train.output_dir)
+        _error("error", StorageError(f"{failure}; last good checkpoint: {last} (continue with --resume auto)"))
         return RUN_ERROR
     finally:
         if created:

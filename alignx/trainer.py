@@ -204,6 +204,7 @@ class Trainer:
     def run(self) -> RunResult:
         self.dist = init_distributed(self.cfg)
         check_precision(self.cfg)
+        self.cfg.train.grad_accum_steps(self.dist.world_size)  # the batch split, before any data work
         resume_tag = self._check_run_dir()
         seed_everything(self.cfg.train.seed)
         from alignx.model import AlignXModel, load_causal_lm, load_tokenizer

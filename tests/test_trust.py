@@ -189,8 +189,8 @@ def test_resume_refuses_another_users_checkpoint_unless_trusted(
 
 
 def test_pickled_weights_are_never_loaded(base: Path, tmp_path: Path, capsys) -> None:
-    """A model directory with only a pickled ``pytorch_model.bin`` (e.g. a foreign export): ``load_causal_lm``
-    (training, evaluation, stage 2) reads safetensors only."""
+    """A model directory with only a pickled ``pytorch_model.bin`` (e.g. a foreign export): refused in one line by
+    train.py before anything is read, and ``load_causal_lm`` (evaluation, stage 2) reads safetensors only."""
     from transformers import AutoModelForCausalLM
 
     from alignx.config import ModelConfig
@@ -201,5 +201,8 @@ def test_pickled_weights_are_never_loaded(base: Path, tmp_path: Path, capsys) ->
     model = AutoModelForCausalLM.from_pretrained(tiny_pretrained("tiny-llama"))
     model.config.save_pretrained(foreign)
     torch.save(model.state_dict(), foreign / "pytorch_model.bin")
+    code = train_main(tiny_args(base, tmp_path / "out", "--stage", "1", f"--model.name_or_path={foreign}"))
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and f"{foreign} has no *.safetensors weights (pickled .bin weights are not loaded" in line
     with pytest.raises(OSError, match="safetensors|model.safetensors"):
         load_causal_lm(ModelConfig(name_or_path=str(foreign)))
