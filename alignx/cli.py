@@ -9,8 +9,11 @@ Training::
 ``--train.resume=X``. The ``deepspeed`` launcher adds ``--local_rank=N`` (the rank is read from the environment).
 The config (file + overrides) is checked completely before anything is loaded: a bad key fails at once, naming it.
 
-Exit codes: 0 done; 1 data or stage error (message on stderr, no traceback); 2 config or usage error;
-143 stopped by SIGTERM after writing a checkpoint.
+Exit codes: 0 done; 1 data, stage, checkpoint or storage error (one line on stderr, no traceback; a full disk or a
+read-only file system met deep inside torch, DeepSpeed or datasets included); 2 config or usage error; 143 stopped by
+SIGTERM after writing a checkpoint. Under the ``deepspeed`` launcher each rank exits with these codes; what the
+launcher itself returns on SIGTERM depends on which process got the signal (README, "Exit codes").
+``--trust-checkpoint`` is short for ``--train.trust_checkpoint=true`` (resume a checkpoint this user did not sign).
 
 ``alignx`` subcommands: ``train`` (= train.py), ``config`` (every key with its default and documentation; with
 ``--config`` the resolved values), and ``data build``, ``eval``, ``demo``, ``compare`` (dispatched lazily to
