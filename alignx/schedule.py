@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,15 +125,17 @@ def _estimate_model_dir(cfg: Config, stages: Sequence[int]) -> Path | None:
 
 
 def preflight(cfg: Config, stages: Sequence[int]) -> None:
-    """What can fail before any model or data is loaded, checked at once, each in one line: the model and tokenizer
-    names (:func:`alignx.models.model_name_problem`, no hub retries offline), the output directory (writable, room
-    for the run: :func:`alignx.storage.probe_output_dir`) and every input file of every stage
-    (:func:`alignx.data.validate_inputs`)."""
+    """What can fail before any model or data is loaded, checked at once, each in one line: the batch split over the
+    ranks, the model and tokenizer names (:func:`alignx.models.model_name_problem`, no hub retries offline), the
+    output directory (writable, room for the run: :func:`alignx.storage.probe_output_dir`) and every input file of
+    every stage (:func:`alignx.data.validate_inputs`)."""
     from alignx.data import validate_inputs
     from alignx.models import model_name_problem
     from alignx.storage import probe_output_dir
 
     check_stage_inputs(cfg, stages)
+    # The launcher sets WORLD_SIZE before this process starts: the split is known before the group exists.
+    cfg.train.grad_accum_steps(int(os.environ.get("WORLD_SIZE", "1")))
     if 1 in stages:
         for key in ("name_or_path", "tokenizer"):
             name = getattr(cfg.model, key)

@@ -185,6 +185,16 @@ def test_out_of_range_settings_fail_at_load(base, tmp_path, capsys, nothing_load
     assert code == 2 and message in one_line(capsys.readouterr().err)
 
 
+def test_batch_split_over_the_ranks_fails_before_any_data(base, tmp_path, capsys, nothing_loaded, monkeypatch):
+    import alignx.data.tokenize
+
+    monkeypatch.setattr(alignx.data.tokenize, "_load_raw", lambda *a, **k: pytest.fail("data read"))
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as the launcher sets it for 3 processes, before the script starts
+    code = train_main(tiny_args(base, tmp_path / "out", "--stage", "1"))
+    line = one_line(capsys.readouterr().err)
+    assert code == 2 and "global_batch_size=4 is not a multiple of train.micro_batch_size=2 x world size 3" in line
+
+
 @pytest.mark.parametrize("name", ["no-such-model", "some-org/no-such-model", "/nonexistent/model dir", "./a//b"])
 def test_unknown_model_is_one_line_at_once(base, tmp_path, capsys, nothing_loaded, monkeypatch, name) -> None:
     # No offline switch: the hub is only unreachable (a closed local port), as on a machine without internet.
