@@ -723,6 +723,7 @@ class Trainer:
             "train_records": plan.n_train,
             "eval_records": plan.n_eval,
             "dropped_records": {k: v for k, v in data.drops.items() if v},
+            "eval_dropped_records": {k: v for k, v in data.stats.get("eval_drops", {}).items() if v},
             "first_train_loss": train[0][1]["train/loss"] if train else None,
             "last_train_loss": train[-1][1]["train/loss"] if train else None,
             "last_eval_loss": evals[-1][1]["eval/loss"] if evals else None,

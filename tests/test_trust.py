@@ -190,7 +190,7 @@ def test_resume_refuses_another_users_checkpoint_unless_trusted(
 
 def test_pickled_weights_are_never_loaded(base: Path, tmp_path: Path, capsys) -> None:
     """A model directory with only a pickled ``pytorch_model.bin`` (e.g. a foreign export): refused in one line by
-    train.py before anything is read, and ``load_causal_lm`` (evaluation, stage 2) reads safetensors only."""
+    train.py before anything is read and by ``alignx eval``; ``load_causal_lm`` (stage 2) reads safetensors only."""
     from transformers import AutoModelForCausalLM
 
     from alignx.config import ModelConfig
@@ -206,3 +206,7 @@ def test_pickled_weights_are_never_loaded(base: Path, tmp_path: Path, capsys) ->
     assert code == 2 and f"{foreign} has no *.safetensors weights (pickled .bin weights are not loaded" in line
     with pytest.raises(OSError, match="safetensors|model.safetensors"):
         load_causal_lm(ModelConfig(name_or_path=str(foreign)))
+    from alignx.eval.cli import EvalError, load_model
+
+    with pytest.raises(EvalError, match=r"--model=.*has no \*\.safetensors weights"):
+        load_model(str(foreign))
