@@ -76,13 +76,25 @@ def _weights_bytes(model_dir: Path) -> tuple[int, int]:
     return size, _BYTES.get(stored, 4)
 
 
+def _checkpoints_on_disk(cfg: Config, stage: int) -> int:
+    """Checkpoints a stage holds at once: ``keep_checkpoints + 1`` (a new one is complete before the oldest is
+    pruned; 0 keeps all), at most the number it writes when that is known (``save_every`` 0: only the last one)."""
+    t = cfg.train
+    if t.save_every == 0:
+        return 1
+    max_steps = t.max_steps if stage == 1 else cfg.stage2.max_steps
+    writes = max_steps // t.save_every + 1 if max_steps > 0 else None
+    kept = t.keep_checkpoints + 1 if t.keep_checkpoints > 0 else (writes or 1)
+    return min(kept, writes) if writes is not None else kept
+
+
 def bytes_needed(cfg: Config, stages: tuple[int, ...], model_dir: Path | None) -> tuple[int, str]:
     """Estimate of what the run writes under ``train.output_dir`` and how it was counted.
 
-    Per stage: ``keep_checkpoints + 1`` checkpoints (a new one is complete before the oldest is pruned), each the
-    weights in the training dtype + AdamW's two fp32 moments (+ an fp32 master copy in bf16/fp16), and one export in
-    ``model.dtype``. Plus the data cache, about 10 x the input files (Arrow rows of text and of token ids). The
-    weights are counted from the model directory's safetensors (unknown for a hub id not downloaded yet).
+    Per stage: the checkpoints it holds at once (:func:`_checkpoints_on_disk`), each the weights in the training
+    dtype + AdamW's two fp32 moments (+ an fp32 master copy in bf16/fp16), and one export in ``model.dtype``. Plus the
+    data cache, about 10 x the input files (Arrow rows of text and of token ids). The weights are counted from the
+    model directory's safetensors (unknown for a hub id not downloaded yet).
     """
     files = [cfg.data.train_file, cfg.data.eval_file, cfg.stage2.train_file, cfg.stage2.eval_file]
     data = 10 * sum(Path(f).stat().st_size for f in files if f and Path(f).is_file())
@@ -92,10 +104,11 @@ def bytes_needed(cfg: Config, stages: tuple[int, ...], model_dir: Path | None) -
     params = size // stored
     train_dtype = _BYTES[cfg.engine.precision]
     per_ckpt = params * (train_dtype + _ADAM + (_MASTER if train_dtype < 4 else 0))
-    kept = max(cfg.train.keep_checkpoints, 1) + 1
+    kept = [_checkpoints_on_disk(cfg, s) for s in stages]
     export = params * _BYTES[cfg.model.dtype]
-    total = len(stages) * (kept * per_ckpt + export) + data
-    how = f"{len(stages)} stage(s) x ({kept} checkpoints of {per_ckpt} bytes + an export of {export}) + data cache"
+    total = sum(k * per_ckpt + export for k in kept) + data
+    how = f"{' + '.join(map(str, kept))} checkpoints of {per_ckpt:,} bytes, {len(stages)} export(s) of {export:,}"
+    how += f", data cache {data:,}"
     return total, how
 
 
