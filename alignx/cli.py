@@ -9,8 +9,11 @@ Training::
 ``--train.resume=X``. The ``deepspeed`` launcher adds ``--local_rank=N`` (the rank is read from the environment).
 The config (file + overrides) is checked completely before anything is loaded: a bad key fails at once, naming it.
 
-Exit codes: 0 done; 1 data or stage error (message on stderr, no traceback); 2 config or usage error;
-143 stopped by SIGTERM after writing a checkpoint.
+Exit codes: 0 done; 1 data, stage, checkpoint or storage error (one line on stderr, no traceback; a full disk or a
+read-only file system met deep inside torch, DeepSpeed or datasets included); 2 config or usage error; 143 stopped by
+SIGTERM after writing a checkpoint. Under the ``deepspeed`` launcher each rank exits with these codes; what the
+launcher itself returns on SIGTERM depends on which process got the signal (README, "Exit codes").
+``--trust-checkpoint`` is short for ``--train.trust_checkpoint=true`` (resume a checkpoint this user did not sign).
 
 ``alignx`` subcommands: ``train`` (= train.py), ``config`` (every key with its default and documentation; with
 ``--config`` the resolved values), and ``data build``, ``eval``, ``demo``, ``compare`` (dispatched lazily to
@@ -25,6 +28,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from alignx.config import Config, ConfigError, describe, load_config
 
@@ -57,6 +61,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run config (configs/*.yaml); defaults if omitted")
     p.add_argument("--stage", choices=["1", "2", "all"], default=None, help="stage(s) to run")
     p.add_argument("--resume", default=None, help="auto | none | a checkpoint directory (= --train.resume)")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="resume a checkpoint this user's key did not sign (= --train.trust_checkpoint=true)",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
     return p
 
@@ -67,6 +76,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     overrides = list(rest)
     if args.resume is not None:
         overrides.append(f"--train.resume={args.resume}")
+    if args.trust_checkpoint:
+        overrides.append("--train.trust_checkpoint=true")
     try:
         cfg = load_config(args.config, overrides)
         from alignx.schedule import check_stage_inputs, parse_stages
@@ -85,6 +96,7 @@ def _run_training(cfg: Config, stage: str, config_path: str | None, overrides: l
     from alignx.data import DataError
     from alignx.engine import CheckpointError, shutdown_distributed
     from alignx.schedule import StageError, run_stages
+    from alignx.storage import StorageError, last_checkpoint, storage_failure
     from alignx.trainer import TrainingError
 
     created = not dist.is_initialized()  # leave a caller's process group alone (tests, notebooks)
@@ -96,8 +108,17 @@ def _run_training(cfg: Config, stage: str, config_path: str | None, overrides: l
     except ConfigError as e:
         _error("config error", e)
         return USAGE_ERROR
-    except (DataError, StageError, TrainingError, CheckpointError) as e:
+    except (DataError, StageError, TrainingError, CheckpointError, StorageError) as e:
         _error("error", e)
+        return RUN_ERROR
+    except Exception as e:
+        # A full disk or a read-only file system reaches us from deep inside torch, DeepSpeed or datasets, as
+        # whatever they wrap it in: told in one line with the checkpoint to continue from, not as their traceback.
+        failure = storage_failure(e, Path(cfg.train.output_dir))
+        if failure is None:
+            raise
+        last = last_checkpoint(cfg.train.output_dir)
+        _error("error", StorageError(f"{failure}; last good checkpoint: {last} (continue with --resume auto)"))
         return RUN_ERROR
     finally:
         if created:

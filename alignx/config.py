@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ __all__ = [
     "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",
+    "RANGES",
     "Stage2Config",
     "TrainConfig",
     "describe",
@@ -110,6 +112,12 @@ class DataConfig:
         "Concatenate each micro-batch's records into one row (position_ids restart per record, cu_seqlens): no "
         "compute on padding; FlashAttention varlen on GPU, a block-diagonal causal mask with sdpa/eager. Same losses "
         "as padded; the micro-batches (and so the negatives) are unchanged.",
+    )
+    on_bad_lines: Literal["error", "skip"] = doc(
+        "error",
+        "Lines of an input file that hold no record (not UTF-8, malformed JSON, not an object): 'error' = one "
+        "validation pass lists every one of every file, then the run stops before training; 'skip' = they are "
+        "dropped and counted (data/dropped/<reason> in the metrics, dropped_records in the summary).",
     )
     num_proc: int = doc(1, "Processes for tokenisation with datasets.map.")
     cache_dir: str | None = doc(None, "datasets cache directory (default: next to the run).")
@@ -219,6 +227,11 @@ class TrainConfig:
     log_every: int = doc(10, "Metrics logging interval in steps.")
     seed: int = doc(42, "Seed of data order, splits and initialisation.")
     resume: str = doc("none", "'auto' = latest checkpoint in the run directory, 'none', or a checkpoint path.")
+    trust_checkpoint: bool = doc(
+        False,
+        "Resume a checkpoint that this user's key did not sign (copied from elsewhere, written by an older alignx). "
+        "Resuming unpickles it, which can run code: only for checkpoints you trust (alignx/trust.py).",
+    )
     tensorboard: bool = doc(True, "Write TensorBoard events next to the JSONL metrics.")
 
     def grad_accum_steps(self, world_size: int) -> int:
@@ -320,14 +333,17 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # NaN passes every comparison of a range check; infinities are never a meaningful setting.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string: accept what float() accepts
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+                number = math.nan
+            if math.isfinite(number):
+                return number
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -412,21 +428,91 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     return cfg
 
 
+# The allowed values of every numeric key, checked at load time (tests/test_config.py fails on a numeric key missing
+# here). Notation: "> 0", ">= 1", "[0, 1)" / "(0, 1]" intervals, a bare number, alternatives joined by " or ";
+# null passes.
+RANGES: dict[str, str] = {
+    "model.align_layer": ">= 1",
+    "model.align_probe_records": ">= 4",
+    "data.eval_size": ">= 0",
+    "data.cutoff_len": ">= 8",
+    "data.min_target_tokens": ">= 1",  # 0 would let an empty target span reach the pooling (0 / 0)
+    "data.num_proc": ">= 1",
+    "objective.temperature": "> 0",
+    "objective.lambda_ctr": ">= 0",
+    "objective.lambda_lam": ">= 0",
+    "objective.ctr_scale": ">= 0",
+    "objective.similarity_shrinkage": "(0, 1]",  # a = 0 would amplify a direction by 1 / sqrt(0)
+    "objective.similarity_decay": "(0, 1]",
+    "objective.similarity_warmup_steps": ">= 0",
+    "objective.inert_warn_steps": ">= 0",
+    "objective.inert_tolerance": "[0, 1]",
+    "objective.lam_hidden": ">= 1",
+    "objective.lam_init_std": "> 0",  # an all-zero SwiGLU head gets zero gradients and never learns
+    "objective.queue_size": ">= 0",
+    "optim.lr": "> 0",
+    "optim.eps": "> 0",
+    "optim.weight_decay": ">= 0",
+    "optim.warmup_steps": ">= 0",
+    "optim.max_grad_norm": ">= 0",
+    "engine.zero_stage": "[0, 3]",
+    "engine.zero3_param_persistence_threshold": ">= 0",
+    "engine.dist_timeout_minutes": ">= 1",
+    "train.epochs": "> 0",
+    "train.max_steps": "-1 or >= 1",
+    "train.global_batch_size": ">= 1",
+    "train.micro_batch_size": ">= 1",
+    "train.eval_every": ">= 0",
+    "train.save_every": ">= 0",
+    "train.keep_checkpoints": ">= 0",
+    "train.log_every": ">= 1",
+    "train.seed": ">= 0",
+    "stage2.epochs": "> 0",
+    "stage2.max_steps": "-1 or >= 1",
+    "stage2.lr": "> 0",
+    "eval.max_pairs": ">= 1",
+}
+
+
+def _satisfies(value: float, spec: str) -> bool:
+    """``value`` against one :data:`RANGES` entry."""
+    for part in spec.split(" or "):
+        if part[0] in "[(":
+            lo, hi = (float(x) for x in part[1:-1].split(","))
+            above = lo <= value if part[0] == "[" else lo < value
+            below = value <= hi if part[-1] == "]" else value < hi
+            if above and below:
+                return True
+            continue
+        op, bound = part.split() if " " in part else ("==", part)
+        if {">": value > float(bound), ">=": value >= float(bound), "==": value == float(bound)}[op]:
+            return True
+    return False
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, spec in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not _satisfies(value, spec):
+            raise ConfigError(f"{key} must be {'in ' if spec[0] in '[(' else ''}{spec}, got {value!r}")
+
+
 def _validate(cfg: Config) -> None:
     if isinstance(cfg.model.align_layer, str) and cfg.model.align_layer != "auto":
         raise ConfigError(f"model.align_layer must be an integer, null or 'auto', got {cfg.model.align_layer!r}")
-    if cfg.model.align_probe_records < 4:
-        raise ConfigError(f"model.align_probe_records must be >= 4, got {cfg.model.align_probe_records}")
-    if cfg.objective.temperature <= 0:
-        raise ConfigError(f"objective.temperature must be > 0, got {cfg.objective.temperature}")
-    if cfg.engine.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
+    _check_ranges(cfg)
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
     if cfg.engine.offload_param and cfg.engine.zero_stage != 3:
         raise ConfigError("engine.offload_param needs engine.zero_stage=3")
-    if cfg.train.micro_batch_size < 1 or cfg.train.global_batch_size < 1:
-        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
-    if cfg.data.cutoff_len < 8:
-        raise ConfigError(f"data.cutoff_len must be >= 8, got {cfg.data.cutoff_len}")
+    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+        # Checked again with the world size when the ranks are known (TrainConfig.grad_accum_steps).
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{cfg.train.micro_batch_size}"
+        )
     if cfg.objective.negatives == "global+queue" and cfg.objective.queue_size <= 0:
         raise ConfigError("objective.negatives=global+queue needs objective.queue_size > 0")
     if cfg.objective.negatives != "global+queue" and cfg.objective.queue_size != 0:

@@ -11,8 +11,8 @@ What it owns:
   CPUAdam is a C++ extension compiled on first use, 25-40 s, and is only chosen with optimizer offload),
   warm-up + linear decay, gradient clipping, ZeRO 0-3, fp32/bf16/fp16; checkpoints with client state, per-rank RNG
   states and shared side files (state that is identical on every rank, e.g. the negatives queue: written once by
-  rank 0, read by every rank); export of a Hugging Face directory gathered from ZeRO-3 shards on rank 0, the
-  language-matching head left out.
+  rank 0, read by every rank), signed with this user's key (:mod:`alignx.trust`, :func:`verify_checkpoint`); export
+  of a Hugging Face directory gathered from ZeRO-3 shards on rank 0, the language-matching head left out.
 
 The learning rate of optimizer step ``s`` (0-based, the number of steps already taken) is
 
@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from alignx import trust
 from alignx.config import Config, ConfigError
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "linear_warmup_decay",
     "partitioned_loading",
     "shutdown_distributed",
+    "verify_checkpoint",
 ]
 
 log = logging.getLogger("alignx.engine")
@@ -340,16 +342,31 @@ def partitioned_loading(cfg: Config, world_size: int) -> Iterator[None]:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and every CUDA device) generator states of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch (CPU and every CUDA device) generator states of this process, as tuples, numbers and
+    tensors only: the file then loads with ``torch.load(weights_only=True)`` (no unpickling of arbitrary objects)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _load_rng_file(path: Path) -> dict[str, Any]:
+    """An RNG state file, unpickled with ``weights_only=True``. Files of earlier versions hold numpy's key array
+    as an ``ndarray``; only the three numpy names that rebuild a plain array are allowed in for them."""
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -514,6 +531,11 @@ class Engine:
                 os.replace(tmp, path / f"{name}.pt")
         self.ds.save_checkpoint(str(root), tag=tag, client_state=dict(client_state), save_latest=False)
         dist.barrier()
+        # Signed once every rank has written: resume loads only what this user's key signed (alignx.trust).
+        files = trust.hash_files(path, self.rank, self.world_size, _merge_over_ranks)
+        if self.rank == 0:
+            trust.sign_checkpoint(path, files)
+        dist.barrier()
         if self.rank == 0:
             tmp = root / f".{LATEST}.tmp"
             tmp.write_text(tag)
@@ -544,7 +566,7 @@ class Engine:
             # Resumed on a different world size: rank 0's state is the best available.
             log.warning("no RNG state for rank %d in %s; using rank 0's", self.rank, root / tag)
             rng_file = root / tag / _RNG_FILE.format(rank=0)
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(_load_rng_file(rng_file))
         return dict(client_state or {})
 
     def load_shared(self, root: str | Path, tag: str, name: str) -> Any:
@@ -651,6 +673,38 @@ class Engine:
             os.replace(tmp, out_dir)
         dist.barrier()
         return out_dir
+
+
+def _merge_over_ranks(mine: dict[str, Any]) -> dict[str, Any]:
+    """Union of every rank's dict (each rank hashed its share of a checkpoint's files)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, mine)
+    return {k: v for share in shares for k, v in share.items()}
+
+
+def verify_checkpoint(path: str | Path, *, trusted: bool = False) -> str | None:
+    """Check that checkpoint ``path`` was signed by this user's key and is unchanged (all ranks call this).
+
+    Returns None when it checks out, or — with ``trusted`` (``--trust-checkpoint``) — the reason it would have been
+    refused. Raises :class:`CheckpointError` (one line) otherwise. Every rank reaches the same verdict: the
+    signature is checked by all of them and the file hashes are merged over ranks before they are compared.
+    """
+    path = Path(path)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    try:
+        trust.verify_checkpoint(path, rank, world, _merge_over_ranks)
+    except trust.UntrustedCheckpoint as e:
+        if trusted:
+            return str(e)
+        raise CheckpointError(
+            f"refusing to resume {path}: {e}. Resuming unpickles its files (DeepSpeed loads them with "
+            "weights_only=False), which can run code, so only checkpoints signed by this user's key "
+            f"({trust.config_dir() / trust.KEY_FILE}) are loaded; pass --trust-checkpoint if you trust whoever "
+            "wrote it"
+        ) from None
+    return None
 
 
 def latest_tag(root: str | Path) -> str | None:

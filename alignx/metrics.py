@@ -11,7 +11,8 @@ A line is ``{"step": int, "time": unix seconds, "<split>/<name>": float, ...}``;
 ``train/tokens_per_s`` non-padding tokens over all ranks per second of wall time
 ``train/rows_dropped`` rows the objective left out of the span losses (fewer than min_target_tokens)
 ``eval/*``             the same terms on the held-out records
-``data/dropped/<r>``   training records dropped at preprocessing, by reason (logged once at step 0)
+``data/dropped/<r>``   training lines and records dropped at preprocessing, by reason (logged once at step 0):
+                       bad lines skipped, records that would bias the objective, truncation (``DROP_REASONS``)
 ``data/eval_dropped/`` the same for a separate eval file
 =====================  ==================================================================================
 

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .config import Config, ModelConfig
+from .config import Config, ConfigError, ModelConfig
 from .objective import DIAG, IGNORE_INDEX, TERMS, AlignXObjective, build_objective, kernel_op
 
 __all__ = [
@@ -109,6 +109,11 @@ def resolve_model_source(name: str, cache_dir: str | None = None) -> ModelSource
         if isinstance(resolved, tuple):
             return ModelSource(str(resolved[0]), resolved[1])
         return ModelSource(str(resolved))
+    from alignx.models import model_name_problem
+
+    problem = model_name_problem(name)
+    if problem is not None:  # at once, in one line: no hub retries, no traceback about repo ids
+        raise ConfigError(problem)
     return ModelSource(name)
 
 
@@ -161,11 +166,13 @@ def load_causal_lm(model_cfg: ModelConfig) -> Any:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_cfg.dtype!r}")
     dtype = DTYPES[model_cfg.dtype]
     src = resolve_model_source(model_cfg.name_or_path, model_cfg.cache_dir)
+    # Weights are read from safetensors only: a pickled pytorch_model.bin in a directory someone else prepared could
+    # run code when loaded (GGUF files are plain data too).
     lm = AutoModelForCausalLM.from_pretrained(
         src.path,
         dtype=dtype,
         attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation, dtype),
-        **_gguf_kwargs(src),
+        **(_gguf_kwargs(src) or {"use_safetensors": True}),
     )
     lm.config.use_cache = False
     return lm

@@ -114,6 +114,65 @@ def packaged_model_names() -> tuple[str, ...]:
     return tuple(PACKAGED)
 
 
+LOCAL_DIR_NEEDS = (
+    "a local model directory must hold config.json, the weights (*.safetensors) and the tokenizer "
+    "(tokenizer.json + tokenizer_config.json), as save_pretrained writes them"
+)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when the hub is switched off (HF_HUB_OFFLINE) or its host does not answer within ``timeout`` seconds:
+    then a hub id fails at once instead of after transformers' retries (about 50 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def model_name_problem(name: str, key: str | None = None, weights: bool = False) -> str | None:
+    """Why ``name`` cannot be loaded (one line naming the packaged models and what a local directory must hold), or
+    None when it can: a packaged or tiny name, a model directory, or a hub id that is cached or reachable.
+    ``weights``: the directory must also hold safetensors weights (pickled ``.bin`` weights are never loaded)."""
+    from alignx.testing import TINY_MODELS
+
+    if name in PACKAGED or name in TINY_MODELS:
+        return None
+    packaged = ", ".join((*PACKAGED, *TINY_MODELS))
+    what = f"{key}={name!r}" if key else repr(name)
+    head = f"{what} is not a packaged model ({packaged})"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return f"{what}: {path} has no config.json; {LOCAL_DIR_NEEDS}"
+        if weights and not any(path.glob("*.safetensors")):
+            return (
+                f"{what}: {path} has no *.safetensors weights (pickled .bin weights are not loaded: unpickling can run "
+                "code; convert them with save_pretrained(..., safe_serialization=True) where they come from)"
+            )
+        return None
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists():
+        state = "is a file" if path.exists() else "does not exist"
+        return f"{head} and not a directory ({path} {state}); {LOCAL_DIR_NEEDS}"
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return f"{head}, not a local directory and not a valid hub id (org/name); {LOCAL_DIR_NEEDS}"
+    if isinstance(try_to_load_from_cache(name, "config.json"), str) or _hub_reachable():
+        return None
+    offline = "the hub is unreachable from here and the hub id is not in the local cache"
+    return f"{head}, not a local directory, and {offline}; {LOCAL_DIR_NEEDS}"
+
+
 def default_cache_dir() -> Path:
     """``$ALIGNX_CACHE`` or ``~/.cache/alignx`` (never inside the repository)."""
     return Path(os.environ.get("ALIGNX_CACHE", Path.home() / ".cache" / "alignx")).expanduser()

@@ -5,10 +5,12 @@ Layout under ``train.output_dir``::
     stage1/                    stage 1 (AlignX objective)
         config.yaml            the resolved config this stage ran with (loadable by alignx.config.load_config)
         metrics.jsonl          + tensorboard/   (alignx.metrics)
-        checkpoints/step_<n>/  DeepSpeed checkpoints (+ per-rank RNG state), checkpoints/latest = newest complete
+        checkpoints/step_<n>/  DeepSpeed checkpoints (+ per-rank RNG state, + alignx_manifest.json: the files' SHA-256
+                               signed with this user's key), checkpoints/latest = newest complete
         export/                Hugging Face model directory, no language-matching head, + alignx_export.json
         summary.json           the final summary (also printed as a table)
     stage2/                    stage 2 (instruction tuning, NTP only), same layout, started from stage1/export
+    bad_lines.jsonl            every bad line of the input files, when data.on_bad_lines=error refused them
 
 Stage 2 is the same trainer with a different view of the config (:func:`stage_config`): the model is stage 1's
 export (or ``stage2.init_from``), the data is ``stage2.train_file``, the objective is plain next-token prediction,
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +36,7 @@ __all__ = [
     "StageError",
     "export_dir",
     "parse_stages",
+    "preflight",
     "run_stages",
     "stage_command",
     "stage_config",
@@ -106,6 +110,40 @@ def check_stage_inputs(cfg: Config, stages: Sequence[int]) -> None:
     for key, value in (("stage2.train_file", cfg.stage2.train_file), ("stage2.eval_file", cfg.stage2.eval_file)):
         if 2 in stages and value and not Path(value).is_file():
             raise ConfigError(f"{key}: file not found: {value}")
+
+
+def _estimate_model_dir(cfg: Config, stages: Sequence[int]) -> Path | None:
+    """The directory whose weights size the run (for the free-space estimate), if it is on disk already."""
+    if 1 not in stages:
+        return Path(cfg.stage2.init_from) if cfg.stage2.init_from else export_dir(cfg, 1)
+    from alignx.models import PACKAGED, packaged_model_dir
+
+    name = cfg.model.name_or_path
+    if name in PACKAGED:
+        return packaged_model_dir(name, cfg.model.cache_dir)
+    return Path(name) if Path(name).is_dir() else None
+
+
+def preflight(cfg: Config, stages: Sequence[int]) -> None:
+    """What can fail before any model or data is loaded, checked at once, each in one line: the batch split over the
+    ranks, the model and tokenizer names (:func:`alignx.models.model_name_problem`, no hub retries offline), the
+    output directory (writable, room for the run: :func:`alignx.storage.probe_output_dir`) and every input file of
+    every stage (:func:`alignx.data.validate_inputs`)."""
+    from alignx.data import validate_inputs
+    from alignx.models import model_name_problem
+    from alignx.storage import probe_output_dir
+
+    check_stage_inputs(cfg, stages)
+    # The launcher sets WORLD_SIZE before this process starts: the split is known before the group exists.
+    cfg.train.grad_accum_steps(int(os.environ.get("WORLD_SIZE", "1")))
+    if 1 in stages:
+        for key in ("name_or_path", "tokenizer"):
+            name = getattr(cfg.model, key)
+            problem = model_name_problem(name, f"model.{key}", weights=key == "name_or_path") if name else None
+            if problem is not None:
+                raise ConfigError(problem)
+    probe_output_dir(cfg, tuple(stages), _estimate_model_dir(cfg, stages))
+    validate_inputs(cfg, tuple(stages))
 
 
 def stage_command(stage: int | str, config_path: str | None, overrides: Sequence[str] = ()) -> str:
@@ -189,7 +227,7 @@ def run_stages(cfg: Config, stage: str | int, *, config_path: str | None = None,
     from alignx.trainer import Trainer
 
     stages = parse_stages(stage)
-    check_stage_inputs(cfg, stages)
+    preflight(cfg, stages)
     for s in stages:
         if s == 2:
             _check_stage2_start(cfg, config_path, overrides)

@@ -366,11 +366,20 @@ def tiny_pretrained(name: str, cache_dir: str | Path | None = None) -> Path:
 # Synthetic records
 
 
-def _pair_texts(src: str, tgt: str, rng: random.Random) -> tuple[str, str]:
-    """One parallel pair, sometimes two consecutive sentences joined (so lengths vary)."""
+def _pair_texts(src: str, tgt: str, rng: random.Random, seen: set | None = None) -> tuple[str, str]:
+    """One parallel pair, sometimes two consecutive sentences joined (so lengths vary).
+
+    With ``seen``, a pair already drawn in that direction is drawn again (until the 2 x 12 pairs of the direction are
+    used up): the fixtures hold no exact duplicates, which preprocessing would remove (alignx.data.records)."""
     n = len(PARALLEL["en"])
-    i = rng.randrange(n)
-    if rng.random() < 0.3:
+    while True:
+        i = rng.randrange(n)
+        joined = rng.random() < 0.3
+        if seen is None or (src, tgt, i, joined) not in seen or sum(k[:2] == (src, tgt) for k in seen) >= 2 * n:
+            break
+    if seen is not None:
+        seen.add((src, tgt, i, joined))
+    if joined:
         j = (i + 1) % n
         return (PARALLEL[src][i] + " " + PARALLEL[src][j], PARALLEL[tgt][i] + " " + PARALLEL[tgt][j])
     return PARALLEL[src][i], PARALLEL[tgt][i]
@@ -388,11 +397,12 @@ def write_pairs_jsonl(path: str | Path, n: int, langs: tuple[str, ...] = ("sw", 
     rng = random.Random(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    seen: set = set()
     with path.open("w", encoding="utf-8") as f:
         for k in range(n):
             other = langs[k % len(langs)]
             src, tgt = ("en", other) if (k // len(langs)) % 2 == 0 else (other, "en")
-            src_text, tgt_text = _pair_texts(src, tgt, rng)
+            src_text, tgt_text = _pair_texts(src, tgt, rng, seen)
             rec = {"src_text": src_text, "tgt_text": tgt_text, "src_lang": src, "tgt_lang": tgt}
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return path
@@ -404,10 +414,11 @@ def write_instructions_jsonl(path: str | Path, n: int, langs: tuple[str, ...] = 
     rng = random.Random(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    seen: dict[int, set] = {0: set(), 1: set()}  # per kind (translate / repeat): no exact duplicate record
     with path.open("w", encoding="utf-8") as f:
         for k in range(n):
             lang = langs[k % len(langs)]
-            src_text, tgt_text = _pair_texts("en", lang, rng)
+            src_text, tgt_text = _pair_texts("en", lang, rng, seen[k % 2])
             if k % 2 == 0:
                 rec = {
                     "instruction": f"Translate the following sentence from English to {_lang_name(lang)}.",

@@ -53,7 +53,10 @@ Distributed semantics (data parallel, ``W`` ranks)
   the checkpoint are dropped. Resuming with a different ``G`` or different data is refused, and so is a ZeRO >= 1
   checkpoint on a different number of ranks (its optimizer shards are per rank).
 * **SIGTERM** (a scheduler's pre-emption; the ``deepspeed`` launcher forwards it to every rank): the ranks agree at
-  the end of the current step, write a checkpoint, and exit with code 143 — ``--resume auto`` continues.
+  the end of the current step, write a checkpoint, and exit with code 143 — ``--resume auto`` continues. What the
+  launcher process returns depends on which process got the signal (README, "Exit codes").
+* **Trust.** A checkpoint is resumed only if this user's key signed its manifest (:mod:`alignx.trust`), checked by
+  every rank before anything is loaded; ``train.trust_checkpoint`` overrides it for a checkpoint from elsewhere.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ from alignx.engine import (
     latest_tag,
     partitioned_loading,
     prune_checkpoints,
+    verify_checkpoint,
 )
 from alignx.metrics import MetricsLogger, format_table
 from alignx.monitor import InertAlignmentMonitor
@@ -200,6 +204,7 @@ class Trainer:
     def run(self) -> RunResult:
         self.dist = init_distributed(self.cfg)
         check_precision(self.cfg)
+        self.cfg.train.grad_accum_steps(self.dist.world_size)  # the batch split, before any data work
         resume_tag = self._check_run_dir()
         seed_everything(self.cfg.train.seed)
         from alignx.model import AlignXModel, load_causal_lm, load_tokenizer
@@ -279,6 +284,12 @@ class Trainer:
             # A fresh start: metrics of an earlier attempt that never reached a checkpoint are stale.
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+        if tag is not None:
+            # Before anything is loaded: resuming unpickles the checkpoint, so it must be this user's (alignx.trust).
+            path = Path(tag) if Path(tag).is_absolute() else self.ckpt_dir / tag
+            doubt = verify_checkpoint(path, trusted=self.cfg.train.trust_checkpoint)
+            if doubt is not None:
+                self._say(f"[train] --trust-checkpoint: resuming {path} unverified ({doubt})")
         return tag
 
     def _rank0_first(self, fn):
@@ -703,6 +714,7 @@ class Trainer:
             "train_records": plan.n_train,
             "eval_records": plan.n_eval,
             "dropped_records": {k: v for k, v in data.drops.items() if v},
+            "eval_dropped_records": {k: v for k, v in data.stats.get("eval_drops", {}).items() if v},
             "first_train_loss": train[0][1]["train/loss"] if train else None,
             "last_train_loss": train[-1][1]["train/loss"] if train else None,
             "last_eval_loss": evals[-1][1]["eval/loss"] if evals else None,

@@ -52,5 +52,60 @@ def test_exponent_without_a_dot_is_a_number() -> None:
     from alignx.config import ConfigError, load_config
 
     assert load_config(None, ["--optim.lr=3e-5"]).optim.lr == 3e-5
-    with pytest.raises(ConfigError, match="optim.lr must be a number"):
+    with pytest.raises(ConfigError, match="optim.lr must be a finite number"):
         load_config(None, ["--optim.lr=fast"])
+
+
+def _numeric(tp) -> bool:
+    import types
+    import typing
+
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return any(a in (int, float) for a in args)
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    """A numeric setting added without a range in alignx.config.RANGES fails here (and would reach torch unchecked)."""
+    import dataclasses
+    import typing
+
+    from alignx.config import RANGES
+
+    numeric = [
+        f"{sec.name}.{f.name}"
+        for sec in dataclasses.fields(Config)
+        for f in dataclasses.fields(typing.get_type_hints(Config)[sec.name])
+        if _numeric(typing.get_type_hints(typing.get_type_hints(Config)[sec.name])[f.name])
+    ]
+    assert sorted(numeric) == sorted(RANGES)
+    load_config(None, {})  # the defaults are in range
+
+
+@pytest.mark.parametrize(
+    "key, bad, good",
+    [
+        ("optim.lr", -1e-5, 1e-5),
+        ("optim.eps", 0, 1e-8),
+        ("train.max_steps", 0, -1),
+        ("train.epochs", 0, 0.5),
+        ("objective.similarity_decay", 1.5, 1.0),
+        ("objective.inert_tolerance", -0.1, 0.0),
+        ("engine.zero_stage", 4, 3),
+        ("data.min_target_tokens", 0, 1),
+        ("stage2.lr", 0.0, None),
+    ],
+)
+def test_out_of_range_values_name_the_key(key: str, bad, good) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key} must be .*, got"):
+        load_config(None, {key: bad})
+    load_config(None, {key: good})
+
+
+def test_non_finite_numbers_and_batch_split() -> None:
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="objective.temperature must be a finite number"):
+            load_config(None, {"objective.temperature": value})
+    with pytest.raises(ConfigError, match="optim.betas must be two numbers in"):
+        load_config(None, {"optim.betas": [0.9]})
+    with pytest.raises(ConfigError, match="global_batch_size=128 is not a multiple of train.micro_batch_size=12"):
+        load_config(None, {"train.micro_batch_size": 12})

@@ -10,6 +10,8 @@ import pytest
 from alignx.config import load_config
 from alignx.data import (
     DROP_REASONS,
+    LINE_REASONS,
+    POISON_REASONS,
     DataError,
     Encoder,
     load_template,
@@ -19,6 +21,7 @@ from alignx.data import (
     prepare_stage2,
     read_jsonl,
 )
+from alignx.data.records import Duplicates
 from alignx.languages import LANGUAGES, lang_code, lang_id, lang_name, normalize_code
 from alignx.testing import test_tokenizer, write_instructions_jsonl, write_pairs_jsonl
 
@@ -49,9 +52,69 @@ def test_malformed_json_line_names_file_and_line(tmp_path: Path) -> None:
         prepare_stage1(_cfg(tmp_path), test_tokenizer(), train_file=path, verbose=False)
 
 
+def test_every_bad_line_is_found_in_one_pass(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    good = {"src_text": "Good morning", "tgt_text": "Habari za asubuhi", "src_lang": "en", "tgt_lang": "sw"}
+    more = {**good, "src_text": "Good evening", "tgt_text": "Habari za jioni"}
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps(good).encode()
+        + b"\n"  # a byte-order mark: accepted
+        + b'{"src_text": "a", "tgt_text": \n'  # cut off: the column is that of this line, 1-based
+        + b"\n"
+        + b'{"src_text": "caf\xe9"}\n'
+        + b"[1, 2]\n"
+        + json.dumps(more).encode()
+        + b"\n"
+    )
+    with pytest.raises(DataError) as err:
+        read_jsonl(path)
+    assert str(err.value) == (
+        f"{path}:2: malformed JSON: Expecting value (column 31) (3 bad lines in all: malformed_json 1, not_utf8 1, "
+        "not_an_object 1)"
+    )
+    with pytest.raises(DataError) as err:
+        prepare_stage1(_cfg(tmp_path), test_tokenizer(), train_file=path)
+    assert "\n" not in str(err.value) and "data.on_bad_lines=skip" in str(err.value)
+    out = capsys.readouterr().out
+    assert "line 4: invalid continuation byte at byte 18" in out and "line 5: got a JSON list" in out
+    prep = prepare_stage1(_cfg(tmp_path, **{"data.on_bad_lines": "skip"}), test_tokenizer(), train_file=path)
+    assert len(prep.train) == 2  # the first record (after the byte-order mark) and the last
+    assert {k: v for k, v in prep.drops.items() if v} == {"malformed_json": 1, "not_utf8": 1, "not_an_object": 1}
+
+
+def test_empty_file_is_a_data_error(tmp_path: Path) -> None:
+    for content in (b"", b"\n  \n\t\n", b"\xef\xbb\xbf\n"):
+        path = tmp_path / "empty.jsonl"
+        path.write_bytes(content)
+        with pytest.raises(
+            DataError, match=r"empty\.jsonl: no records \(the file is empty or holds only blank lines\)"
+        ):
+            prepare_stage1(_cfg(tmp_path), test_tokenizer(), train_file=path, verbose=False)
+
+
+def test_records_that_bias_the_objective_are_dropped_with_a_reason() -> None:
+    ok = {"src_text": "Good morning", "tgt_text": "Habari za asubuhi", "src_lang": "en", "tgt_lang": "sw"}
+    nul = normalize_stage1({**ok, "tgt_text": "Habari\u0000"})
+    assert nul["drop"] == "bad_characters" and nul["detail"] == "U+0000 in tgt_text at character 7"
+    assert nul["tgt_text"] == ""  # not stored: a lone surrogate could not even be written to Arrow
+    assert normalize_stage1({**ok, "src_text": "x\ud800"})["drop"] == "bad_characters"
+    assert normalize_stage1({**ok, "src_text": "Tab\tand\nnewline"})["drop"] == ""  # ordinary whitespace
+    same = normalize_stage1({**ok, "tgt_lang": "en"})
+    assert same["drop"] == "same_language" and same["detail"] == "src_lang = tgt_lang = en"
+    assert normalize_stage1({**ok, "tgt_text": " Good morning"})["drop"] == "identical_text"
+    assert normalize_stage2({"instruction": "Say \u0007", "output": "x", "lang": "en"})["drop"] == "bad_characters"
+    # Earlier reasons win: an empty target is reported as such, not as a same-language pair.
+    assert normalize_stage1({**ok, "tgt_text": "", "tgt_lang": "en"})["drop"] == "empty_target"
+    dup = Duplicates(("src_text", "tgt_text", "instruction", "src_lang", "tgt_lang"))
+    rows = [normalize_stage1(ok, 1), normalize_stage1({**ok, "tgt_lang": "hi"}, 2), normalize_stage1(ok, 7)]
+    assert [dup.check(r) for r in rows] == ["", "", "same as line 1"]
+    assert set(POISON_REASONS) <= set(DROP_REASONS) and set(LINE_REASONS) <= set(DROP_REASONS)
+
+
 def test_non_object_and_non_utf8_lines(tmp_path: Path) -> None:
     path = _write(tmp_path / "list.jsonl", ['["not", "an", "object"]'])
-    with pytest.raises(DataError, match=r"list\.jsonl:1: expected a JSON object, got list"):
+    with pytest.raises(DataError, match=r"list\.jsonl:1: expected a JSON object: got a JSON list"):
         read_jsonl(path)
     raw = tmp_path / "latin1.jsonl"
     raw.write_bytes(b'{"src_text": "ok"}\n{"src_text": "caf\xe9"}\n')

@@ -175,6 +175,48 @@ def test_deepspeed_launcher_two_processes_match_one(tmp_path_factory: pytest.Tem
     assert json.loads((out / "stage1" / "summary.json").read_text())["steps"] == TOTAL_STEPS
 
 
+def test_sigterm_to_the_ranks_under_the_launcher_exits_143(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SIGTERM delivered to the rank processes (as a scheduler that signals the job's processes does): both ranks
+    agree at the end of the step, write one checkpoint, exit 143, and the launcher passes 143 on. (When the
+    launcher process itself gets the signal it exits 1 instead; README "Exit codes" says why.)"""
+    import signal
+    import time
+
+    import psutil
+    from test_trainer import TOTAL_STEPS, clean_env, tiny_args
+
+    from alignx.trust import verify_checkpoint
+
+    base = tmp_path_factory.getbasetemp()
+    out = base / "two_processes_sigterm"
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "train.py")]
+    proc = subprocess.Popen(
+        [*cmd, *tiny_args(base, out, "--stage", "1")],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    metrics, deadline = out / "stage1" / "metrics.jsonl", time.time() + 400
+    while not (metrics.is_file() and '"step": 6,' in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    ranks = [p for p in ranks if "deepspeed.launcher" not in " ".join(p.cmdline())]
+    assert len(ranks) == 2, [p.cmdline() for p in ranks]
+    for rank in ranks:
+        rank.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    ckpt = out / "stage1" / "checkpoints" / (out / "stage1" / "checkpoints" / "latest").read_text()
+    assert 6 <= int(ckpt.name.removeprefix("step_")) < TOTAL_STEPS
+    assert all((ckpt / f"rng_state_rank{r}.pt").is_file() for r in (0, 1))
+    verify_checkpoint(ckpt)  # the manifest both ranks hashed (each its share of the files) is whole and signed
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -18,13 +18,34 @@ Modules: :mod:`~alignx.data.records` (reading, validation, drop reasons), :mod:`
 
 from alignx.data.collate import Collator, PackedCollator, batch_tokens
 from alignx.data.prompt import ALPACA, Rendered, Template, instruction_text, load_template
-from alignx.data.records import DROP_REASONS, DataError, iter_jsonl, normalize_stage1, normalize_stage2, read_jsonl
+from alignx.data.records import (
+    DROP_REASONS,
+    LINE_REASONS,
+    POISON_REASONS,
+    DataError,
+    iter_jsonl,
+    normalize_stage1,
+    normalize_stage2,
+    read_jsonl,
+    scan_jsonl,
+)
 from alignx.data.sampler import epoch_order, length_grouped_order, micro_batches, steps_per_epoch
-from alignx.data.tokenize import Encoder, Prepared, format_report, prepare_stage1, prepare_stage2, token_regions
+from alignx.data.tokenize import (
+    Encoder,
+    Prepared,
+    check_bad_lines,
+    format_report,
+    prepare_stage1,
+    prepare_stage2,
+    token_regions,
+    validate_inputs,
+)
 
 __all__ = [
     "ALPACA",
     "DROP_REASONS",
+    "LINE_REASONS",
+    "POISON_REASONS",
     "Collator",
     "DataError",
     "Encoder",
@@ -34,6 +55,7 @@ __all__ = [
     "Template",
     "epoch_order",
     "batch_tokens",
+    "check_bad_lines",
     "format_report",
     "instruction_text",
     "iter_jsonl",
@@ -45,6 +67,8 @@ __all__ = [
     "prepare_stage1",
     "prepare_stage2",
     "read_jsonl",
+    "scan_jsonl",
     "steps_per_epoch",
     "token_regions",
+    "validate_inputs",
 ]

@@ -49,6 +49,7 @@ target tokens: the pooling never divides by zero.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,7 +59,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from alignx.data.prompt import Rendered, Template, instruction_text, load_template
-from alignx.data.records import DROP_REASONS, DataError, iter_jsonl, normalize_stage1, normalize_stage2
+from alignx.data.records import (
+    DROP_REASONS,
+    LINE_REASONS,
+    DataError,
+    Duplicates,
+    bad_line_row,
+    describe_bad_lines,
+    has_records,
+    normalize_stage1,
+    normalize_stage2,
+    scan_jsonl,
+)
 from alignx.languages import lang_code
 
 if TYPE_CHECKING:
@@ -70,16 +82,19 @@ if TYPE_CHECKING:
 __all__ = [
     "Encoder",
     "Prepared",
+    "check_bad_lines",
     "format_report",
     "prepare_stage1",
     "prepare_stage2",
     "token_regions",
+    "validate_inputs",
 ]
 
 # Bump when the row layout or the span rule changes: it is part of the datasets cache key.
-FORMAT_VERSION = "alignx-data-1"
+FORMAT_VERSION = "alignx-data-2"
 
 PROMPT, SOURCE, TARGET = 0, 1, 2
+BAD_LINES_FILE = "bad_lines.jsonl"  # <train.output_dir>/bad_lines.jsonl: every bad line of a refused input
 ROW_COLUMNS = ("input_ids", "labels", "span_ids", "src_lang", "tgt_lang", "length")
 _IGNORE = -100
 _PROBE = "Probe: Hello world!\n\n### Input:\n 你好 😀 नमस्ते"
@@ -328,20 +343,33 @@ class Prepared:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+_TEXTS = {1: ("src_text", "tgt_text", "instruction"), 2: ("instruction", "input", "output")}
+
+
 def _generate(path: str, stage: int, stamp: str) -> Any:
-    """Rows of a JSONL file, normalised (the generator behind ``Dataset.from_generator``; ``stamp`` keys the cache)."""
+    """Rows of a JSONL file, normalised: the validation pass (the generator behind ``Dataset.from_generator``;
+    ``stamp`` keys the cache). A bad line becomes a row with its reason, a copy of an earlier usable record a
+    ``duplicate``: everything is counted by the same drop accounting, nothing stops the pass."""
     norm = normalize_stage1 if stage == 1 else normalize_stage2
-    for line, rec in iter_jsonl(path):
-        yield norm(rec, line)
+    duplicates = Duplicates((*_TEXTS[stage], "src_lang", "tgt_lang"))
+    for line, rec, reason, detail in scan_jsonl(path):
+        if rec is None:
+            yield bad_line_row(stage, line, reason, detail)
+            continue
+        row = norm(rec, line)
+        if not row["drop"]:
+            same = duplicates.check(row)
+            if same:
+                row["drop"], row["detail"] = "duplicate", same
+        yield row
 
 
 def _features(stage: int) -> Any:
     from datasets import Features, Value
 
-    text = ("src_text", "tgt_text", "instruction") if stage == 1 else ("instruction", "input", "output")
-    cols = {k: Value("string") for k in text}
+    cols = {k: Value("string") for k in _TEXTS[stage]}
     cols.update(src_lang=Value("int32"), tgt_lang=Value("int32"), bad_code=Value("string"))
-    cols.update(drop=Value("string"), line=Value("int64"))
+    cols.update(drop=Value("string"), detail=Value("string"), line=Value("int64"))
     return Features(cols)
 
 
@@ -356,6 +384,8 @@ def _load_raw(path: Path, stage: int, cache_dir: Path) -> datasets.Dataset:
 
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    if not has_records(path):
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
     stamp = _stamp(path)
     fingerprint = hashlib.sha256(f"{FORMAT_VERSION}|{stage}|{stamp}".encode()).hexdigest()[:32]
     try:
@@ -380,10 +410,9 @@ def _is_main_process() -> bool:
 
 
 def _encode_file(
-    path: Path, encoder: Encoder, cache_dir: Path, num_proc: int, what: str
+    path: Path, raw: datasets.Dataset, encoder: Encoder, num_proc: int, what: str
 ) -> tuple[datasets.Dataset, dict[str, int], dict[str, Any]]:
-    """Tokenise one file; returns (kept rows with ROW_COLUMNS, drops, stats)."""
-    raw = _load_raw(path, encoder.stage, cache_dir)
+    """Tokenise one file's validated rows; returns (kept rows with ROW_COLUMNS, drops, stats)."""
     fp = hashlib.sha256(f"{raw._fingerprint}|{encoder.fingerprint()}".encode()).hexdigest()[:32]
     enc = raw.map(
         encoder,
@@ -398,9 +427,11 @@ def _encode_file(
     drops = {reason: 0 for reason in DROP_REASONS}
     drops.update(Counter(d for d in drop_col if d))
     examples: dict[str, list[int]] = {}
-    for line, d in zip(raw["line"], drop_col):
+    details: dict[str, list[str]] = {}
+    for line, d, detail in zip(raw["line"], drop_col, raw["detail"]):
         if d and len(examples.setdefault(d, [])) < 5:
             examples[d].append(line)
+            details.setdefault(d, []).append(f"line {line}: {detail}" if detail else f"line {line}")
     unknown = Counter(c for c in raw["bad_code"] if c)
     kept_idx = [i for i, d in enumerate(drop_col) if not d]
     kept = enc.select(kept_idx) if len(kept_idx) < len(enc) else enc
@@ -420,6 +451,7 @@ def _encode_file(
         "mean_target_tokens": float(np.mean(kept["n_target"])) if len(kept) else 0.0,
         "unknown_codes": dict(unknown),
         "drop_examples": examples,
+        "drop_details": details,
     }
     kept = kept.remove_columns([c for c in kept.column_names if c not in ROW_COLUMNS])
     return kept, drops, stats
@@ -428,13 +460,13 @@ def _encode_file(
 def format_report(name: str, drops: dict[str, int], stats: dict[str, Any]) -> str:
     """Human-readable preprocessing summary: kept / dropped per reason (with example lines), truncation."""
     lines = [
-        f"[data] {name}: {stats['records']} records in {stats['file']}, kept {stats['kept']}, "
+        f"[data] {name}: {stats['records']} non-blank lines in {stats['file']}, kept {stats['kept']}, "
         f"dropped {stats['dropped']}; mean length {stats['mean_length']:.1f} tokens (max {stats['max_length']}), "
         f"{stats['target_truncated']} kept with a truncated target"
     ]
     for reason, count in drops.items():
         if count:
-            where = ", ".join(f"line {n}" for n in stats["drop_examples"].get(reason, []))
+            where = "; ".join(stats.get("drop_details", {}).get(reason, []))
             lines.append(f"[data]   dropped {count:>7} {reason:<20} {DROP_REASONS.get(reason, '')} (e.g. {where})")
     if stats["unknown_codes"]:
         codes = ", ".join(f"{c!r} x{n}" for c, n in sorted(stats["unknown_codes"].items()))
@@ -446,6 +478,100 @@ def _cache_dir(cfg: Config, cache_dir: str | Path | None) -> Path:
     path = Path(cache_dir or cfg.data.cache_dir or Path(cfg.train.output_dir) / "data_cache").expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _bad_lines(raw: datasets.Dataset) -> list[tuple[int, str, str]]:
+    """``(line, reason, detail)`` of every line of a validated file that holds no record."""
+    drops = raw["drop"]
+    idx = [i for i, d in enumerate(drops) if d in LINE_REASONS]
+    if not idx:
+        return []
+    sub = raw.select(idx)
+    return list(zip(sub["line"], sub["drop"], sub["detail"]))
+
+
+def bad_lines_report(bad: dict[str, list[tuple[int, str, str]]], examples: int = 5) -> str:
+    """Console report of the bad lines of every file: counts per reason and the first ``examples`` of each."""
+    lines = []
+    for path, rows in bad.items():
+        counts = Counter(reason for _, reason, _ in rows)
+        lines.append(f"[data] {path}: {len(rows)} bad lines (" + ", ".join(f"{r} {n}" for r, n in counts.items()) + ")")
+        for reason in counts:
+            shown = [f"line {n}: {d}" for n, r, d in rows if r == reason][:examples]
+            lines.append(f"[data]   {reason:<15} {LINE_REASONS[reason]}; e.g. " + "; ".join(shown))
+    return "\n".join(lines)
+
+
+def write_bad_lines(bad: dict[str, list[tuple[int, str, str]]], path: Path) -> Path:
+    """Every bad line as JSONL ``{file, line, reason, detail}`` (the console shows a few per reason)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for file, rows in bad.items():
+            for line, reason, detail in rows:
+                f.write(json.dumps({"file": file, "line": line, "reason": reason, "detail": detail}) + "\n")
+    return path
+
+
+def check_bad_lines(
+    bad: dict[str, list[tuple[int, str, str]]], policy: str, *, listing: Path | None = None, show: bool = True
+) -> None:
+    """Apply ``data.on_bad_lines`` to the bad lines found in all input files (file -> lines).
+
+    ``error``: print the report (every file, counts per reason, examples), write every line to ``listing`` and raise
+    one-line :class:`DataError`. ``skip``: nothing here — the lines are dropped rows, counted with the other drops.
+    """
+    bad = {f: rows for f, rows in bad.items() if rows}
+    if not bad or policy == "skip":
+        return
+    where = ""
+    if listing is not None and show:
+        where = f" and in {write_bad_lines(bad, listing)}"
+    if show:
+        print(bad_lines_report(bad), flush=True)
+    files = "; ".join(describe_bad_lines(f, rows) for f, rows in bad.items())
+    listed = f"every one is listed above{where}; " if show else ""
+    raise DataError(f"{files}; {listed}fix them, or skip and count them with data.on_bad_lines=skip")
+
+
+def _stage_files(cfg: Config, stage: int) -> list[Path]:
+    files = (cfg.data.train_file, cfg.data.eval_file) if stage == 1 else (cfg.stage2.train_file, cfg.stage2.eval_file)
+    return [Path(f) for f in files if f]
+
+
+def validate_inputs(cfg: Config, stages: tuple[int, ...], cache_dir: str | Path | None = None) -> None:
+    """One validation pass over every input file of ``stages`` before any of them trains.
+
+    Reads each file once (the rows are cached: the stages' preparation reuses them), then reports every problem
+    at once: files that are empty, and — with ``data.on_bad_lines=error`` — every bad line of every file, then
+    raises one-line :class:`DataError`. Files of a recipe with its own record format (``objective.kind`` afp,
+    clmap) are read by that recipe instead.
+    """
+    from filelock import FileLock
+
+    from alignx.recipes import data_hooks
+
+    cache = _cache_dir(cfg, cache_dir)
+    files = {f: s for s in stages for f in _stage_files(cfg, s) if not (s == 1 and data_hooks(cfg) is not None)}
+    empty, bad = [], {}
+    for path, stage in files.items():
+        try:
+            with FileLock(str(cache / "alignx-prepare.lock")):
+                raw = _load_raw(path, stage, cache)
+        except DataError as e:
+            empty.append(str(e))
+            continue
+        bad[str(path)] = _bad_lines(raw)
+    show = _is_main_process()
+    if empty:
+        if show and any(bad.values()):
+            print(bad_lines_report({f: r for f, r in bad.items() if r}), flush=True)
+        raise DataError("; ".join(empty))
+    check_bad_lines(bad, cfg.data.on_bad_lines, listing=Path(cfg.train.output_dir) / BAD_LINES_FILE, show=show)
+
+
+def _no_usable_record(path: str | Path, drops: dict[str, int], stats: dict[str, Any]) -> DataError:
+    reasons = ", ".join(f"{r} {n}" for r, n in drops.items() if n)
+    return DataError(f"{path}: no usable record ({stats['records']} lines with records or errors; dropped: {reasons})")
 
 
 def _prepare(
@@ -461,17 +587,21 @@ def _prepare(
     cache = _cache_dir(cfg, cache_dir)
     num_proc = max(1, cfg.data.num_proc)
     show = verbose and _is_main_process()
-    # Ranks that prepare at once: the first tokenises, the others wait and then read its cache.
+    paths = {"train": Path(train_file)} | ({"eval": Path(eval_file)} if eval_file is not None else {})
+    # Ranks that prepare at once: the first validates and tokenises, the others wait and then read its cache.
     with FileLock(str(cache / "alignx-prepare.lock")):
-        train, drops, stats = _encode_file(Path(train_file), encoder, cache, num_proc, "train")
+        raws = {what: _load_raw(path, encoder.stage, cache) for what, path in paths.items()}
+    check_bad_lines({str(paths[w]): _bad_lines(r) for w, r in raws.items()}, cfg.data.on_bad_lines, show=show)
+    with FileLock(str(cache / "alignx-prepare.lock")):
+        train, drops, stats = _encode_file(paths["train"], raws["train"], encoder, num_proc, "train")
     if show:
         print(format_report(f"stage {encoder.stage} train", drops, stats), flush=True)
     if not len(train):
-        raise DataError(f"{train_file}: no usable record ({format_report('train', drops, stats)})")
+        raise _no_usable_record(train_file, drops, stats)
     evald = None
     if eval_file is not None:
         with FileLock(str(cache / "alignx-prepare.lock")):
-            evald, eval_drops, eval_stats = _encode_file(Path(eval_file), encoder, cache, num_proc, "eval")
+            evald, eval_drops, eval_stats = _encode_file(paths["eval"], raws["eval"], encoder, num_proc, "eval")
         stats["eval_drops"], stats["eval"] = eval_drops, eval_stats
         if show:
             print(format_report(f"stage {encoder.stage} eval", eval_drops, eval_stats), flush=True)

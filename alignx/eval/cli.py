@@ -305,9 +305,17 @@ def evaluate(
 
 
 def load_model(name_or_path: str, dtype: str = "fp32", cache_dir: str | None = None) -> tuple[Any, Any]:
-    """(causal LM, tokenizer) through the trainer's loaders (packaged names, ``tiny-*``, directories, hub ids)."""
+    """(causal LM, tokenizer) through the trainer's loaders (packaged names, ``tiny-*``, directories, hub ids).
+
+    A directory must hold safetensors weights: an exported or foreign model is never read from pickled ``.bin``
+    files (unpickling can run code)."""
     from alignx.config import ModelConfig
     from alignx.model import load_causal_lm, load_tokenizer
+    from alignx.models import model_name_problem
+
+    problem = model_name_problem(name_or_path, "--model", weights=True)
+    if problem is not None:
+        raise EvalError(problem)
 
     cfg = ModelConfig(name_or_path=name_or_path, dtype=dtype, cache_dir=cache_dir)
     tok = load_tokenizer(cfg)
