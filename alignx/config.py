@@ -450,7 +450,7 @@ RANGES: dict[str, str] = {
     "objective.lam_hidden": ">= 1",
     "objective.lam_init_std": "> 0",  # an all-zero SwiGLU head gets zero gradients and never learns
     "objective.queue_size": ">= 0",
-    "optim.lr": "> 0",
+    "optim.lr": ">= 0",  # 0 keeps the weights put: the multi-rank tests compare every step with one model
     "optim.eps": "> 0",
     "optim.weight_decay": ">= 0",
     "optim.warmup_steps": ">= 0",

@@ -168,7 +168,7 @@ def test_bad_lines_skipped_and_poison_dropped_good_records_train(base: Path, tmp
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--optim.lr=-0.001", "optim.lr must be > 0, got -0.001"),
+        ("--optim.lr=-0.001", "optim.lr must be >= 0, got -0.001"),
         ("--optim.lr=.nan", "optim.lr must be a finite number, got nan"),
         ("--train.log_every=0", "train.log_every must be >= 1, got 0"),
         ("--objective.similarity_shrinkage=1.5", "objective.similarity_shrinkage must be in (0, 1], got 1.5"),
