@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .config import Config, ConfigError, ModelConfig
+from .config import Config, ModelConfig
 from .objective import DIAG, IGNORE_INDEX, TERMS, AlignXObjective, build_objective, kernel_op
 
 __all__ = [
@@ -109,11 +109,8 @@ def resolve_model_source(name: str, cache_dir: str | None = None) -> ModelSource
         if isinstance(resolved, tuple):
             return ModelSource(str(resolved[0]), resolved[1])
         return ModelSource(str(resolved))
-    from alignx.models import model_name_problem
-
-    problem = model_name_problem(name)
-    if problem is not None:  # at once, in one line: no hub retries, no traceback about repo ids
-        raise ConfigError(problem)
+    # Passed through: a tokenizer-only directory or a hub id is for from_pretrained to read. The one-line name check
+    # (alignx.models.model_name_problem) runs in train.py's preflight, before any data work.
     return ModelSource(name)
 
 
