@@ -72,6 +72,14 @@ class ModelConfig:
         "Compute the LM head only from the first position whose next token is counted (HF logits_to_keep): the "
         "same loss and gradients without the prompt's and padding's logits. false = logits at every position.",
     )
+    fused_ce: bool = doc(
+        True,
+        "NTP loss through the fused linear cross-entropy (alignx.kernels.linear_cross_entropy): HF's LM head is "
+        "skipped and no logits are ever held; the same loss and gradients (fp32 within 1e-5). Used for the model "
+        "types whose head is a plain linear layer (+ soft-cap / logit scaling): llama, mistral, qwen2, qwen3, gemma, "
+        "gemma2, gemma3, cohere, granite, phi3, olmo2, smollm3; other models fall back to HF's logits with one log "
+        "line. false = always HF's logits (then trim_logits applies).",
+    )
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Dtype the weights are loaded in before DeepSpeed.")
     cache_dir: str | None = doc(None, "Where dequantised packaged models are cached (default ~/.cache/alignx).")
 

@@ -37,15 +37,17 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, ModelConfig
-from .objective import DIAG, IGNORE_INDEX, TERMS, AlignXObjective, build_objective, kernel_op
+from .objective import DIAG, IGNORE_INDEX, TERMS, AlignXObjective, HeadInputs, build_objective, kernel_op
 
 __all__ = [
     "AlignXModel",
+    "FusedLMLoss",
     "LMOutputs",
     "LanguageMatchingHead",
     "ModelLayoutError",
     "ModelSource",
     "find_decoder_parts",
+    "fused_head",
     "load_causal_lm",
     "load_tokenizer",
     "resolve_attn_implementation",
@@ -71,6 +73,17 @@ NORM_PATHS = (
     "transformer.ln_f",
 )
 ROOT_PATHS = ("model", "transformer", "gpt_neox", "decoder")
+
+
+# model_type -> what the HF causal-LM forward does to ``lm_head(hidden)`` (transformers 5.x, read in each class's
+# forward): nothing, Gemma's ``final_logit_softcapping``, Cohere's ``* logit_scale``, Granite's ``/ logits_scaling``.
+# The fused NTP loss (model.fused_ce) is exact for these; any other model keeps HF's own logits.
+FUSED_HEAD_TYPES = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "smollm3"), "plain"),
+    **dict.fromkeys(("gemma2", "gemma3_text"), "softcap"),
+    "cohere": "scale",
+    "granite": "inverse_scale",
+}
 
 
 class ModelLayoutError(ValueError):
@@ -304,15 +317,92 @@ class LanguageMatchingHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The fused LM head + NTP loss (model.fused_ce)
+
+
+class FusedLMLoss(nn.Module):
+    """The model's LM head and the summed NTP cross-entropy in one op that never holds the logits.
+
+    ``forward(hidden [N, D], labels [N])`` -> ``(loss_sum fp32 0-dim, count int64 0-dim)`` over the rows whose
+    label is not ``IGNORE_INDEX``: :func:`alignx.kernels.linear_cross_entropy` with the head's weight ``[V, D]`` (the
+    embedding matrix when the model ties them), the model's soft-cap and logit scaling, fp32 maths.
+
+    The head is referenced, not owned (no second copy of a tied weight in ``state_dict``). It runs as a module of
+    its own so that under ZeRO-3 the partitioned weight, registered as this module's external parameter, is gathered
+    for this module's forward and backward only (inside the engine's forward), never for the whole step.
+    """
+
+    def __init__(self, head: nn.Module, *, softcap: float | None, logit_scale: float, backend: str) -> None:
+        super().__init__()
+        self._head = (head,)  # a tuple: not registered as a submodule
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.backend = backend
+        try:
+            from deepspeed.zero import register_external_parameter
+        except ImportError:  # no DeepSpeed: no ZeRO-3 to tell
+            return
+        register_external_parameter(self, head.weight)
+
+    @property
+    def weight(self) -> Tensor:
+        """The head weight ``[V, D]`` (gathered while this module runs under ZeRO-3)."""
+        return self._head[0].weight
+
+    def forward(self, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        weight = self.weight
+        return kernel_op("linear_cross_entropy")(
+            hidden.to(weight.dtype),
+            weight,
+            labels,
+            ignore_index=IGNORE_INDEX,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"softcap={self.softcap}, logit_scale={self.logit_scale}, backend={self.backend!r}"
+
+
+def fused_head(lm: nn.Module, backend: str = "auto") -> tuple[nn.Module, FusedLMLoss] | str:
+    """``(decoder body, FusedLMLoss)`` for a causal LM whose logits are ``post(lm_head(body(...).last_hidden_state))``
+    with ``post`` one of :data:`FUSED_HEAD_TYPES`, else the reason it cannot be fused (a string).
+
+    The body is the model's ``base_model`` (``lm.model`` for Llama, Qwen2, Gemma 3, ...); the head a bias-free
+    ``nn.Linear``.
+    """
+    config = getattr(lm, "config", None)
+    model_type = getattr(config, "model_type", None)
+    post = FUSED_HEAD_TYPES.get(model_type)
+    if post is None:
+        return f"model type {model_type!r} is not one whose LM head is known to be a plain linear layer"
+    body = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if not isinstance(body, nn.Module) or body is lm:
+        return f"{type(lm).__name__} has no decoder body at .{getattr(lm, 'base_model_prefix', 'model')}"
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return f"{type(lm).__name__}'s output layer is not a bias-free nn.Linear ({type(head).__name__})"
+    softcap = getattr(config, "final_logit_softcapping", None) if post == "softcap" else None
+    scale = 1.0
+    if post == "scale":
+        scale = float(getattr(lm, "logit_scale", getattr(config, "logit_scale", 1.0)))
+    elif post == "inverse_scale":
+        scale = 1.0 / float(config.logits_scaling)
+    return body, FusedLMLoss(head, softcap=softcap, logit_scale=scale, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The trained module
 
 
 class LMOutputs(NamedTuple):
-    """One forward of the language model: ``logits [B, T, V]``, the hooked ``hidden_align [B, T, D]`` (output of
-    block ``align_layer``) and ``hidden_final [B, T, D]`` (final-norm output); the hidden states are None when the
-    objective does not need them."""
+    """One forward of the language model: ``logits [B, T, V]`` (with the fused head: a
+    :class:`alignx.objective.HeadInputs`, what the NTP term reads instead), the hooked ``hidden_align [B, T, D]``
+    (output of block ``align_layer``) and ``hidden_final [B, T, D]`` (final-norm output); the hidden states are None
+    when the objective does not need them."""
 
-    logits: Tensor
+    logits: Tensor | HeadInputs
     hidden_align: Tensor | None
     hidden_final: Tensor | None
 
@@ -389,6 +479,22 @@ class AlignXModel(nn.Module):
         if cfg.data.packing:
             self._packed_attention_kwargs(torch.tensor([0, 1]))  # fail at build time on an unsupported attention
         self.trim_logits = cfg.model.trim_logits and "logits_to_keep" in inspect.signature(lm.forward).parameters
+        # model.fused_ce: the decoder body and the fused head + loss replace HF's LM head (no logits at all).
+        self._body: tuple[nn.Module, ...] = ()  # the decoder body of self.lm (a tuple: not a second submodule)
+        self.lm_loss: FusedLMLoss | None = None
+        self.fused_ce_problem: str | None = None  # why the NTP term reads HF's logits although fused_ce is on
+        if cfg.model.fused_ce:
+            fused = fused_head(lm, cfg.objective.kernel_backend)
+            if isinstance(fused, str):
+                self.fused_ce_problem = fused
+            else:
+                self._body = (fused[0],)
+                self.lm_loss = fused[1]
+
+    @property
+    def fused_ce(self) -> bool:
+        """Whether the NTP term runs through :class:`FusedLMLoss` (``model.fused_ce`` and a known head)."""
+        return self.lm_loss is not None
 
     def _hook_align_layer(self, layers: nn.ModuleList, final_norm: nn.Module) -> Any:
         # HF's hidden_states[N] is the final-norm output, not block N's: align_layer = N reads the norm too.
@@ -452,11 +558,14 @@ class AlignXModel(nn.Module):
         position_ids: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         logits_to_keep: int = 0,
+        fused: bool = False,
     ) -> LMOutputs:
         """One forward of the HF model, returning the logits and the two hooked hidden states.
 
         ``logits_to_keep = K > 0``: logits ``[B, K, V]`` of the last K positions only (needs a model whose forward
         takes HF's ``logits_to_keep``); 0: all positions. The hidden states always cover every position.
+        ``fused=True`` with a fused head (:attr:`fused_ce`): only the decoder body runs and ``logits`` is a
+        :class:`alignx.objective.HeadInputs` (the final-norm states and :attr:`lm_loss`): no logits exist.
         Packed (``cu_seqlens`` given): ``input_ids [1, total]``, ``position_ids`` restarting at 0 at every
         ``cu_seqlens[i]`` (required) and no attention mask (an all-ones mask is dropped; a mask with zeros is an
         error), see the module docstring.
@@ -477,17 +586,28 @@ class AlignXModel(nn.Module):
             extra = self._packed_attention_kwargs(cu_seqlens)
         self._capture.start(self.lang_head is not None)
         try:
-            out = self.lm(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-                **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
-                **extra,
-            )
+            if fused and self._body and self.lm_loss is not None:
+                out = self._body[0](
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    **extra,
+                )
+                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                logits: Any = HeadInputs(hidden, self.lm_loss)
+            else:
+                out = self.lm(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
+                    **extra,
+                )
+                logits = out.logits if hasattr(out, "logits") else out[0]
         finally:
             captured = self._capture.stop()
-        logits = out.logits if hasattr(out, "logits") else out[0]
         if self.lang_head is None:
             return LMOutputs(logits, None, None)
         missing = [k for k in ("align", "final") if k not in captured]
@@ -537,8 +657,8 @@ class AlignXModel(nn.Module):
             return {k: terms[k] if k == "loss" else terms[k].detach() for k in TERMS}
         if extra:
             raise ValueError(f"objective.kind={self.objective.cfg.kind!r} takes no batch keys {sorted(extra)}")
-        keep = self.logits_to_keep(labels) if self.trim_logits else 0
-        out = self.run_lm(input_ids, attention_mask, position_ids, cu_seqlens, logits_to_keep=keep)
+        keep = self.logits_to_keep(labels) if self.trim_logits and not self.fused_ce else 0
+        out = self.run_lm(input_ids, attention_mask, position_ids, cu_seqlens, logits_to_keep=keep, fused=self.fused_ce)
         terms = self.objective(out.logits, out.hidden_align, out.hidden_final, batch, self.lang_head)
         # The contrastive diagnostics (diag/..., detached, host) stay beside the contract terms: the trainer logs them.
         self.diagnostics = {k: v for k, v in terms.items() if k.startswith(DIAG)}

@@ -60,6 +60,8 @@ __all__ = [
     "RECIPE_OBJECTIVES",
     "AlignXObjective",
     "Candidates",
+    "HeadInputs",
+    "NTPInput",
     "build_objective",
     "contrastive_diagnostics",
     "kernel_op",
@@ -234,7 +236,44 @@ class _CrossEntropySum(torch.autograd.Function):
         return grad, None, None
 
 
-def lm_loss_sum(logits: Tensor, labels: Tensor, *, chunk_elements: int = CE_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+class HeadInputs(NamedTuple):
+    """What the fused NTP loss reads instead of logits: the LM head's input and the head as a loss function.
+
+    ``hidden [B, T, D]``: the final-norm states at every position (the input of ``lm_head``). ``loss(rows [N, D],
+    labels [N]) -> (loss_sum, count)``: the summed cross-entropy of the model's head on those rows, without the
+    logits (:class:`alignx.model.FusedLMLoss`: ``alignx.kernels.linear_cross_entropy`` with the head weight, tied or
+    not, the model's soft-cap and logit scaling). :func:`lm_loss_sum` and everything built on it take either this or
+    logits; ``shape``, ``device`` and ``requires_grad`` read like the logits' for the shape checks.
+    """
+
+    hidden: Tensor
+    loss: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hidden.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.hidden.requires_grad
+
+
+NTPInput = Tensor | HeadInputs
+"""What the NTP term reads: logits ``[B, K, V]`` of the last K positions, or the fused head's :class:`HeadInputs`."""
+
+
+def shift_labels(labels: Tensor) -> Tensor:
+    """``[B, T]``: the label each position predicts (``labels[:, t + 1]``), ``IGNORE_INDEX`` at the last position."""
+    target = torch.full_like(labels, IGNORE_INDEX)
+    target[:, :-1] = labels[:, 1:]
+    return target
+
+
+def lm_loss_sum(logits: NTPInput, labels: Tensor, *, chunk_elements: int = CE_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
     """Shifted causal-LM cross-entropy, summed: ``(sum of -log p over the counted tokens, number of tokens)``.
 
     labels ``[B, T]`` with ``IGNORE_INDEX`` for tokens that do not count; position t predicts label t + 1. logits
@@ -243,7 +282,17 @@ def lm_loss_sum(logits: Tensor, labels: Tensor, *, chunk_elements: int = CE_CHUN
     at positions ``1 .. T - K`` is counted (:meth:`alignx.model.AlignXModel.forward` picks K so). The maths is fp32 on
     chunks of at most ``chunk_elements`` logits and the backward writes one gradient of the logits' shape
     (:class:`_CrossEntropySum`): no logits-sized fp32 copy, slice gradient or softmax is ever held.
+
+    Fused (``logits`` a :class:`HeadInputs` with ``hidden [B, T, D]``): the same sum from the final-norm states and
+    the head weight in one op that never holds the logits; only the counted positions reach the head.
     """
+    if isinstance(logits, HeadInputs):
+        hidden = logits.hidden
+        if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"hidden must be [B, T, D] and labels [B, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+            )
+        return logits.loss(hidden.reshape(-1, hidden.shape[-1]), shift_labels(labels).reshape(-1))
     if logits.dim() != 3 or labels.dim() != 2 or labels.shape[0] != logits.shape[0]:
         raise ValueError(
             f"logits must be [B, K, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
@@ -306,7 +355,7 @@ class AlignXObjective:
 
     def __call__(
         self,
-        logits: Tensor,
+        logits: NTPInput,
         hidden_align: Tensor | None,
         hidden_final: Tensor | None,
         batch: Mapping[str, Tensor],
@@ -316,7 +365,8 @@ class AlignXObjective:
 
         Args:
             logits: ``[B, K, V]`` next-token logits of the language model (any float dtype) at the last ``K <= T``
-                positions; ``K < T`` only when no label before them is counted (see :func:`lm_loss_sum`).
+                positions; ``K < T`` only when no label before them is counted (see :func:`lm_loss_sum`); or the
+                fused head's :class:`HeadInputs` (``hidden [B, T, D]``, no logits at all).
             hidden_align: ``[B, T, D]`` output of decoder block ``align_layer`` (unused for ``kind="ntp"``).
             hidden_final: ``[B, T, D]`` final-norm output, the input of ``lm_head`` (unused for ``kind="ntp"``).
             batch: ``labels [B, T]`` (``-100`` = not counted); for ``kind="alignx"`` also ``span_ids [B, T]``
@@ -364,7 +414,7 @@ class AlignXObjective:
             )
         return self._terms(ntp, ctr, lam, n_kept, keep.numel())
 
-    def _ntp_only(self, logits: Tensor, labels: Tensor, cu_seqlens: Tensor | None = None) -> dict[str, Tensor]:
+    def _ntp_only(self, logits: NTPInput, labels: Tensor, cu_seqlens: Tensor | None = None) -> dict[str, Tensor]:
         ntp = self.ntp_loss(logits, labels)
         zero = ntp.new_zeros(())
         n_rows = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -419,7 +469,7 @@ class AlignXObjective:
         return keep[record_index(cu_seqlens)].view_as(labels)
 
     def ntp_loss(
-        self, logits: Tensor, labels: Tensor, keep: Tensor | None = None, cu_seqlens: Tensor | None = None
+        self, logits: NTPInput, labels: Tensor, keep: Tensor | None = None, cu_seqlens: Tensor | None = None
     ) -> Tensor:
         """Token-mean fp32 cross-entropy over the non-ignored labels of the kept rows (all rows if ``keep`` is None).
 
@@ -562,7 +612,7 @@ class AlignXObjective:
 
     def _global_call(
         self,
-        logits: Tensor,
+        logits: NTPInput,
         labels: Tensor,
         hidden_align: Tensor,
         hidden_final: Tensor,

@@ -289,11 +289,13 @@ def tiny_causal_lm(
     num_layers: int = 4,
     hidden: int = 64,
     seed: int = 0,
+    **overrides: Any,
 ) -> PreTrainedModel:
     """A random-initialised fp32 HF causal LM of architecture ``arch`` in {"llama", "qwen2", "gemma3"}.
 
     ``vocab_size`` defaults to the size of :func:`test_tokenizer`; BOS/EOS/PAD ids match it. Initialisation is
-    seeded (``seed``) without touching the global RNG state.
+    seeded (``seed``) without touching the global RNG state. ``overrides``: further config values (e.g.
+    ``tie_word_embeddings=True``, Gemma's ``final_logit_softcapping=30.0``).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -306,6 +308,8 @@ def tiny_causal_lm(
     vocab_size = len(tok) if vocab_size is None else vocab_size
     special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     config = _tiny_config(arch, vocab_size, num_layers, hidden, special)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")

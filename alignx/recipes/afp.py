@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from alignx.objective import AlignXObjective, kernel_op
+from alignx.objective import AlignXObjective, NTPInput, kernel_op
 from alignx.recipes import DataHooks
 from alignx.recipes.data import SOURCE, TARGET, Segment, SegmentTokenizer, labels_for, prepare_records
 
@@ -328,7 +328,7 @@ class AFPObjective(AlignXObjective):
         )
         return means[:, 0], counts[:, 0]
 
-    def terms(self, clm_logits: Tensor, labels: Tensor, pair_hidden: Tensor, pair_pool: Tensor) -> dict[str, Tensor]:
+    def terms(self, clm_logits: NTPInput, labels: Tensor, pair_hidden: Tensor, pair_pool: Tensor) -> dict[str, Tensor]:
         """All terms from the instruction texts' logits ``[B, T, V]`` / labels ``[B, T]`` and the pair sentences'
         layer-k states ``[2B, Tp, D]`` with their pooled-token marks ``[2B, Tp]`` (first half ``sent0``)."""
         if pair_hidden.shape[0] % 2 or pair_pool.shape != pair_hidden.shape[:2]:
@@ -359,7 +359,7 @@ class AFPObjective(AlignXObjective):
             "rows_dropped": torch.tensor(b - int(kept.numel()), device=labels.device),
         }
 
-    def _global_terms(self, logits: Tensor, labels: Tensor, z0: Tensor, z1: Tensor) -> tuple[Tensor, Tensor]:
+    def _global_terms(self, logits: NTPInput, labels: Tensor, z0: Tensor, z1: Tensor) -> tuple[Tensor, Tensor]:
         """``(L_CLM, L_CL)`` with the micro-step's batch over all ``W`` ranks as the unit (AFP's all-gather).
 
         With ``N`` kept pairs and ``K`` counted tokens over all ranks, this rank returns
@@ -405,7 +405,7 @@ class AFPObjective(AlignXObjective):
         for key in ("labels", "pair_input_ids", "pair_attention_mask", "pair_pool"):
             if batch.get(key) is None:
                 raise ValueError(f"an AFP batch needs {key!r} (rows prepared by alignx.recipes.afp)")
-        logits = model.run_lm(input_ids, attention_mask, position_ids).logits
+        logits = model.run_lm(input_ids, attention_mask, position_ids, fused=model.fused_ce).logits
         hidden = encode_layer(model.lm, batch["pair_input_ids"], batch["pair_attention_mask"], model.align_layer)
         if logits.requires_grad and not hidden.requires_grad:
             raise RuntimeError("the pair sentences' hidden states carry no gradient although the logits do")
