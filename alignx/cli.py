@@ -16,8 +16,8 @@ launcher itself returns on SIGTERM depends on which process got the signal (READ
 ``--trust-checkpoint`` is short for ``--train.trust_checkpoint=true`` (resume a checkpoint this user did not sign).
 
 ``alignx`` subcommands: ``train`` (= train.py), ``config`` (every key with its default and documentation; with
-``--config`` the resolved values), and ``data build``, ``eval``, ``demo``, ``compare`` (dispatched lazily to
-``alignx.data.build``, ``alignx.eval.cli``, ``alignx.demo``, ``alignx.compare``).
+``--config`` the resolved values), and ``data build``, ``eval``, ``demo``, ``compare``, ``plan`` (dispatched lazily to
+``alignx.data.build``, ``alignx.eval.cli``, ``alignx.demo``, ``alignx.compare``, ``alignx.plan``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ DISPATCH: dict[str, tuple[str, str, int]] = {
     "eval": ("alignx.eval.cli", "main", 1),
     "demo": ("alignx.demo", "main", 1),
     "compare": ("alignx.compare", "main", 1),
+    "plan": ("alignx.plan", "main", 1),
 }
 
 
@@ -179,6 +180,7 @@ commands:
   eval       alignment / translation / perplexity report of a model directory
   demo       small real model, real parallel data: stage 1 -> stage 2 -> report
   compare    run several recipes on the same data and budget, one comparison report
+  plan       per-GPU memory plan of a config before launch (model states per ZeRO stage, activations, max micro-batch)
 """
 
 
