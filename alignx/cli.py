@@ -95,7 +95,7 @@ def _run_training(cfg: Config, stage: str, config_path: str | None, overrides: l
     import torch.distributed as dist
 
     from alignx.data import DataError
-    from alignx.engine import CheckpointError, shutdown_distributed
+    from alignx.engine import CheckpointError, lost_peer, shutdown_distributed
     from alignx.schedule import StageError, run_stages
     from alignx.storage import StorageError, last_checkpoint, storage_failure
     from alignx.trainer import TrainingError
@@ -116,10 +116,16 @@ def _run_training(cfg: Config, stage: str, config_path: str | None, overrides: l
         # A full disk or a read-only file system reaches us from deep inside torch, DeepSpeed or datasets, as
         # whatever they wrap it in: told in one line with the checkpoint to continue from, not as their traceback.
         failure = storage_failure(e, Path(cfg.train.output_dir))
-        if failure is None:
-            raise
         last = last_checkpoint(cfg.train.output_dir)
-        _error("error", StorageError(f"{failure}; last good checkpoint: {last} (continue with --resume auto)"))
+        if failure is not None:
+            _error("error", StorageError(f"{failure}; last good checkpoint: {last} (continue with --resume auto)"))
+            return RUN_ERROR
+        # Another rank (or its node) died: every surviving rank stops with one line instead of a collective's
+        # traceback; the run continues from the last complete checkpoint on all nodes (README, "Several nodes").
+        peer = lost_peer(e)
+        if peer is None:
+            raise
+        _error("error", RuntimeError(f"{peer}; last good checkpoint: {last} (restart every node with --resume auto)"))
         return RUN_ERROR
     finally:
         if created:

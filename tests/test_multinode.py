@@ -92,3 +92,46 @@ def test_two_nodes_match_one_node_with_two_processes(tmp_path_factory: pytest.Te
     ckpt = two_nodes / "stage1" / "checkpoints" / (two_nodes / "stage1" / "checkpoints" / "latest").read_text()
     for rank in (0, 1):
         assert (ckpt / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_dead_node_stops_the_run_cleanly_and_resume_auto_continues(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Node 1 is killed (launcher and rank, SIGKILL) after step 6: node 0's rank fails its next collective, prints one
+    line naming the last good checkpoint and exits 1 (no traceback); both nodes restarted with ``--resume auto``
+    continue from that checkpoint to the end."""
+    import json
+    import os
+    import signal
+    import time
+
+    from test_dist import _free_port
+    from test_trainer import TOTAL_STEPS, clean_env, tiny_args
+
+    base = tmp_path_factory.getbasetemp()
+    hostfile, out = base / "hostfile_dead", base / "two_nodes_dead"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    args = tiny_args(base, out, "--stage", "1")
+
+    def launch(extra: list[str]) -> list[subprocess.Popen]:
+        cmds = two_node_commands(hostfile, _free_port(), REPO / "train.py", args + extra)
+        return [subprocess.Popen(c, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True) for c in cmds]  # fmt: skip
+
+    procs = launch([])
+    metrics, deadline = out / "stage1" / "metrics.jsonl", time.time() + TIMEOUT
+    while not (metrics.is_file() and '"step": 6,' in metrics.read_text()):
+        assert procs[0].poll() is None and time.time() < deadline, procs[0].communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    procs[1].wait()
+    _, err = procs[0].communicate(timeout=TIMEOUT)
+    assert procs[0].returncode == 1, err[-3000:]
+    assert "alignx: error: another rank stopped" in err and "restart every node with --resume auto" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    latest = (out / "stage1" / "checkpoints" / "latest").read_text()
+
+    for proc in launch(["--resume", "auto"]):
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((out / "stage1" / "summary.json").read_text())
+    assert summary["steps"] == TOTAL_STEPS and summary["resumed_from"] == int(latest.removeprefix("step_")) >= 4
