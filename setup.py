@@ -23,5 +23,17 @@ setup(
         "tqdm",
         "numpy",
     ],
+    # pip install -c constraints.txt --no-build-isolation -e ".[gpu]" on a CUDA machine, after the CUDA torch 2.13.0:
+    # FlashAttention-2 for training (model.attn_implementation auto) and the peer kernels the GPU benchmarks compare
+    # with (README, "GPU"). The CPU install (make install) does not use them.
+    extras_require={
+        "gpu": [
+            "flash-attn>=2.6",
+            "liger-kernel>=0.5",
+            "inf-cl>=1.2",
+            "cut-cross-entropy>=25.1",
+            "memeff>=0.3",
+        ]
+    },
     entry_points={"console_scripts": ["alignx=alignx.cli:main"]},
 )

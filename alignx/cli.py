@@ -16,8 +16,8 @@ launcher itself returns on SIGTERM depends on which process got the signal (READ
 ``--trust-checkpoint`` is short for ``--train.trust_checkpoint=true`` (resume a checkpoint this user did not sign).
 
 ``alignx`` subcommands: ``train`` (= train.py), ``config`` (every key with its default and documentation; with
-``--config`` the resolved values), and ``data build``, ``eval``, ``demo``, ``compare`` (dispatched lazily to
-``alignx.data.build``, ``alignx.eval.cli``, ``alignx.demo``, ``alignx.compare``).
+``--config`` the resolved values), and ``data build``, ``eval``, ``demo``, ``compare``, ``plan`` (dispatched lazily to
+``alignx.data.build``, ``alignx.eval.cli``, ``alignx.demo``, ``alignx.compare``, ``alignx.plan``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ DISPATCH: dict[str, tuple[str, str, int]] = {
     "eval": ("alignx.eval.cli", "main", 1),
     "demo": ("alignx.demo", "main", 1),
     "compare": ("alignx.compare", "main", 1),
+    "plan": ("alignx.plan", "main", 1),
 }
 
 
@@ -94,7 +95,7 @@ def _run_training(cfg: Config, stage: str, config_path: str | None, overrides: l
     import torch.distributed as dist
 
     from alignx.data import DataError
-    from alignx.engine import CheckpointError, shutdown_distributed
+    from alignx.engine import CheckpointError, lost_peer, shutdown_distributed
     from alignx.schedule import StageError, run_stages
     from alignx.storage import StorageError, last_checkpoint, storage_failure
     from alignx.trainer import TrainingError
@@ -115,10 +116,16 @@ def _run_training(cfg: Config, stage: str, config_path: str | None, overrides: l
         # A full disk or a read-only file system reaches us from deep inside torch, DeepSpeed or datasets, as
         # whatever they wrap it in: told in one line with the checkpoint to continue from, not as their traceback.
         failure = storage_failure(e, Path(cfg.train.output_dir))
-        if failure is None:
-            raise
         last = last_checkpoint(cfg.train.output_dir)
-        _error("error", StorageError(f"{failure}; last good checkpoint: {last} (continue with --resume auto)"))
+        if failure is not None:
+            _error("error", StorageError(f"{failure}; last good checkpoint: {last} (continue with --resume auto)"))
+            return RUN_ERROR
+        # Another rank (or its node) died: every surviving rank stops with one line instead of a collective's
+        # traceback; the run continues from the last complete checkpoint on all nodes (README, "Several nodes").
+        peer = lost_peer(e)
+        if peer is None:
+            raise
+        _error("error", RuntimeError(f"{peer}; last good checkpoint: {last} (restart every node with --resume auto)"))
         return RUN_ERROR
     finally:
         if created:
@@ -179,6 +186,7 @@ commands:
   eval       alignment / translation / perplexity report of a model directory
   demo       small real model, real parallel data: stage 1 -> stage 2 -> report
   compare    run several recipes on the same data and budget, one comparison report
+  plan       per-GPU memory plan of a config before launch (model states per ZeRO stage, activations, max micro-batch)
 """
 
 

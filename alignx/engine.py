@@ -57,6 +57,7 @@ __all__ = [
     "check_precision",
     "init_distributed",
     "linear_warmup_decay",
+    "lost_peer",
     "partitioned_loading",
     "shutdown_distributed",
     "verify_checkpoint",
@@ -185,6 +186,29 @@ def check_precision(cfg: Config) -> None:
             f"engine.precision={cfg.engine.precision} is not supported on this device ({acc.device_name()}); "
             f"use one of {usable}"
         )
+
+
+# What a collective raises when another rank's process (or its whole node) is gone: gloo reports the closed TCP
+# connection at once; NCCL reports it when the collective times out (engine.dist_timeout_minutes).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "NCCL error", "Watchdog caught collective operation timeout", "DistNetworkError")  # fmt: skip
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """One line naming the lost rank when ``err`` is a collective failing because another rank died, else None."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        dist_error = getattr(dist, "DistError", ())
+        if (isinstance(e, dist_error) and not isinstance(e, getattr(dist, "DistStoreError", ()))) or any(
+            m in text for m in _PEER_LOST
+        ):
+            first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+            return f"another rank stopped (its process or node died): {first[:300]}"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def shutdown_distributed(*, clean: bool = True) -> None:

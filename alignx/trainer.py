@@ -695,6 +695,8 @@ class Trainer:
         assert self.dist is not None
         per_rank = [None] * self.dist.world_size
         dist.all_gather_object(per_rank, engine.optimizer_state_numel())
+        peaks = [None] * self.dist.world_size
+        dist.all_gather_object(peaks, _peak_memory(self.dist.device))
         train, evals = history["train"], history["eval"]
         speeds = [r["train/tokens_per_s"] for _, r in train if r.get("train/tokens_per_s")]
         summary: dict[str, Any] = {
@@ -723,6 +725,8 @@ class Trainer:
             "seconds": round(history.get("seconds", 0.0), 2),
             "parameters": engine.num_parameters(),
             "optimizer_state_numel_per_rank": per_rank,
+            "peak_memory_bytes_per_rank": [b for b, _ in peaks],
+            "peak_memory_method": peaks[0][1],
             "checkpoint": str(self.ckpt_dir / (latest_tag(self.ckpt_dir) or "")),
             "export": str(out_dir) if out_dir else None,
             "align_layer": getattr(engine.module, "align_layer", None),
@@ -738,6 +742,19 @@ class Trainer:
             print(format_table(rows, title=f"alignx stage {self.stage} summary"), flush=True)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    """This process's peak memory so far: the CUDA allocator's peak on a GPU, the peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "VmHWM (peak resident set of the process)"
+    except OSError:
+        pass
+    return -1, "unavailable"
 
 
 class _Window:

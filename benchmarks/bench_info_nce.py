@@ -195,7 +195,7 @@ def shapes(device: str) -> list[Shape]:
     if device == "cuda":
         out = [
             Shape(f"B=N={n} D=4096 bf16", {"B": n, "N": n, "D": 4096, "dtype": "bf16", "tau": 0.1},
-                  memory_modes=("fwd", "full"), tags=("gpu-rate",) if n == 16384 else ())
+                  memory_modes=("fwd", "full"), tags=("gpu-rate", "quick") if n == 16384 else ())
             for n in (4096, 16384, 65536)
         ]  # fmt: skip
         out.append(Shape("B=512 N=1000000 D=4096 bf16", {"B": 512, "N": 1_000_000, "D": 4096, "dtype": "bf16",

@@ -200,7 +200,7 @@ def shapes(device: str) -> list[Shape]:
             Shape("B=64 T=512 D=4096 bf16", {"B": 64, "T": 512, "D": 4096, "dtype": "bf16"},
                   memory_modes=("fwd", "full"), tags=("pool",)),
             Shape("B=2048 T=256 D=4096 bf16", {"B": 2048, "T": 256, "D": 4096, "dtype": "bf16"},
-                  memory_modes=("fwd", "full"), tags=("pool", "gpu-bw")),
+                  memory_modes=("fwd", "full"), tags=("pool", "gpu-bw", "quick")),
         ]  # fmt: skip
     return [
         Shape("B=16 T=512 D=2048 fp32", {"B": 16, "T": 512, "D": 2048, "dtype": "fp32"}, tags=("pool",)),

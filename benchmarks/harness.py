@@ -723,6 +723,7 @@ class BenchOptions:
     memory: bool = True
     providers: tuple[str, ...] = ()
     tiny: bool = False
+    quick: bool = False
     skip_compile: bool = False
     compile_timeout: float = 600.0
     job_timeout: float = 1800.0
@@ -738,6 +739,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--providers", default="", help="comma-separated provider names to run (default all)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes only (smoke test of the scripts)")
+    parser.add_argument("--quick", action="store_true", help="one shape per op: those tagged 'quick', else the first")
     parser.add_argument("--skip-compile", action="store_true", help="report torch.compile providers as skipped")
     parser.add_argument("--compile-timeout", type=float, default=600.0, help="seconds for a torch.compile job")
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds for any other isolated job")
@@ -755,6 +757,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         memory=not args.no_memory,
         providers=tuple(p for p in args.providers.split(",") if p),
         tiny=args.tiny,
+        quick=args.quick,
         skip_compile=args.skip_compile,
         compile_timeout=args.compile_timeout,
         job_timeout=args.job_timeout,
@@ -1027,6 +1030,11 @@ def value_verdict(
     return Verdict(claim, x, target, "PASS" if ok else "MISS", detail)
 
 
+def quick_shapes(shapes: Sequence[Shape]) -> list[Shape]:
+    """The short sweep (``--quick``, ``make gpu-check``): the shapes tagged ``quick``, else the first one."""
+    return [s for s in shapes if "quick" in s.tags] or list(shapes[:1])
+
+
 def find_shape(shapes: Sequence[Shape], tag: str) -> Shape | None:
     """The first shape carrying ``tag`` (claims are attached to shapes by tag)."""
     return next((s for s in shapes if tag in s.tags), None)
@@ -1052,6 +1060,8 @@ def bench_main(
     _set_threads(opts.threads)
     info = run_info(opts.device, opts.threads, opts.run_id)
     shapes = [bench.tiny] if opts.tiny else shapes_for(opts.device)
+    if opts.quick and not opts.tiny:
+        shapes = quick_shapes(shapes)
     say(f"== {bench.name} on {info.device_name}, torch {info.torch}, {opts.threads} threads, commit {info.commit}, "
         f"load average {os.getloadavg()[0]:.2f} ==")  # fmt: skip
     rows = run_bench(bench, shapes, opts, info)

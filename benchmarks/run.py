@@ -44,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="timing only")
     parser.add_argument("--skip-compile", action="store_true", help="report the torch.compile providers as skipped")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run of the whole pipeline)")
+    parser.add_argument("--quick", action="store_true", help="one shape per op (the short GPU sweep of gpu_check)")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate the markdown and plots")
     args = parser.parse_args(argv)
 
@@ -62,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         common.append("--no-memory")
     if args.tiny:
         common.append("--tiny")
+    if args.quick:
+        common.append("--quick")
 
     say(f"== alignx benchmarks, run {info.run_id}: {info.device_name}, torch {info.torch}, commit {info.commit}, "
         f"{args.threads} threads; load average at start {_load()} ==")  # fmt: skip
@@ -76,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = []
     for name in scripts:
         extra = ["--skip-compile"] if args.skip_compile and name != "step" else []
-        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", *common, *extra]
+        # The step benchmark has one model and batch: --quick (one shape per op) does not apply to it.
+        args_of = [a for a in common if not (name == "step" and a == "--quick")]
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", *args_of, *extra]
         t0 = time.perf_counter()
         say(f"\n-- {name}: load average {_load()} --")
         code = subprocess.run(cmd, cwd=REPO, env=env).returncode
