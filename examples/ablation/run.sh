@@ -22,6 +22,8 @@ declare -A FLAGS=(
   [whiten_dir_auto]="--similarity whiten --batching direction --align-layer auto"
   [standardize_pl_dir_auto]="--similarity standardize --per-language --batching direction --align-layer auto"
   [whiten_pl_dir_auto_response]="--similarity whiten --per-language --batching direction --align-layer auto --labels response"
+  [whiten_pl_dir_auto_80steps]="--similarity whiten --per-language --batching direction --align-layer auto --steps 80"
+  [whiten_pl_dir_auto_lr6e-5]="--similarity whiten --per-language --batching direction --align-layer auto --lr 6e-5"
   [whiten_pl_dir_auto_queue]="--similarity whiten --per-language --batching direction --align-layer auto --set objective.negatives=global+queue --set objective.queue_size=256"
 )
 variants=("$@")
