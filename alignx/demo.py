@@ -62,6 +62,28 @@ def demo_overrides(args: argparse.Namespace, data: Path, train_dir: Path) -> dic
     }
 
 
+def demo_langs(args: argparse.Namespace) -> list[str]:
+    """The languages trained and evaluated against English (``--langs``)."""
+    return [x.strip() for x in args.langs.split(",") if x.strip()]
+
+
+def build_data(args: argparse.Namespace, data: Path, *, progress: bool = True) -> dict[str, Any]:
+    """The demo's data under ``data``: ``alignx data build --sources bible --langs en,<langs>`` with the demo's seed
+    and sizes (``--train-pairs`` train verses, ``--eval-pairs`` held-out verses per language); returns the build
+    summary. ``benchmarks/bench_data_validation.py`` prepares exactly these files."""
+    from alignx.data.build import build
+
+    return build(
+        ["bible"],
+        ["en", *demo_langs(args)],
+        data,
+        seed=args.seed,
+        max_per_lang=args.train_pairs,
+        max_eval_per_lang=args.eval_pairs,
+        progress=progress,
+    )
+
+
 def _layer(value: str) -> int | str:
     if value == "auto":
         return value
@@ -181,7 +203,7 @@ def _set_align_layer(path: Path, layer: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``alignx demo``; returns the exit status."""
     from alignx.config import ConfigError, load_config, parse_overrides
-    from alignx.data.build import build, format_stats
+    from alignx.data.build import format_stats
     from alignx.data.sources import SourceError
     from alignx.eval.cli import EvalError, evaluate, load_eval_units, load_model
     from alignx.eval.report import collect_results, summary_lines, write_report
@@ -189,18 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     data, train_dir, eval_dir = out / "data", out / "train", out / "eval"
-    langs = [x.strip() for x in args.langs.split(",") if x.strip()]
+    langs = demo_langs(args)
     t_start = time.perf_counter()
     try:
         print(f"[demo] 1/5 data: Bible en + {', '.join(langs)} -> {data}", flush=True)
-        summary = build(
-            ["bible"],
-            ["en", *langs],
-            data,
-            seed=args.seed,
-            max_per_lang=args.train_pairs,
-            max_eval_per_lang=args.eval_pairs,
-        )
+        summary = build_data(args, data)
         print(format_stats(summary["per_language"]), flush=True)
         units = load_eval_units(langs, data=data)
         cfg = load_config(

@@ -17,13 +17,15 @@ from pathlib import Path
 
 from .harness import RESULTS_DIR
 
-BENCHES = ("span_pool", "info_nce", "lang_match", "linear_ce", "step")
+BENCHES = ("span_pool", "info_nce", "lang_match", "linear_ce", "step", "data_validation")
 TITLES = {
     "span_pool": "Span mean-pooling (GB/s: minimal bytes; roofline = measured copy)",
     "info_nce": "InfoNCE (TFLOP/s: 2/6/8·B·N·D for fwd/bwd/full; roofline = measured GEMM)",
     "lang_match": "Language matching (pairs per second, M² per call)",
     "linear_ce": "Linear cross-entropy: LM head + NTP loss (TFLOP/s: 6·N·D·V per fwd+bwd; roofline = measured GEMM)",
     "step": "Stage-1 training step (forward + backward)",
+    "data_validation": "Data preparation of the demo's data with the bad-input checks and with them bypassed "
+    "(mode = clock: process CPU time, wall time)",
 }
 
 

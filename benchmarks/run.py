@@ -1,11 +1,11 @@
 """Run every benchmark script on one device, then write the report (``make bench`` / ``make bench-gpu``).
 
 ``python -m benchmarks.run --device cpu`` runs ``bench_span_pool``, ``bench_info_nce``, ``bench_lang_match``,
-``bench_linear_ce`` and ``bench_step`` one after the other, each in its own process, under one run id; rows are
-appended to ``benchmarks/results/<device>.csv``, the PASS/MISS ratios to ``<device>_ratios.csv``, and
-:mod:`benchmarks.report` writes ``<device>.md`` and the PNG plots. The CPU subset is sized for about 15 minutes on
-an idle 2-core machine with 2 torch threads; the load average is recorded next to every number because a shared
-machine slows everything down unevenly.
+``bench_linear_ce``, ``bench_step`` and ``bench_data_validation`` one after the other, each in its own process, under
+one run id; rows are appended to ``benchmarks/results/<device>.csv``, the PASS/MISS ratios to
+``<device>_ratios.csv``, and :mod:`benchmarks.report` writes ``<device>.md`` and the PNG plots. The CPU subset is
+sized for about 20 minutes on an idle 2-core machine with 2 torch threads; the load average is recorded next to every
+number because a shared machine slows everything down unevenly.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .harness import (
     say,
 )
 
-SCRIPTS = ("span_pool", "info_nce", "lang_match", "linear_ce", "step")
+SCRIPTS = ("span_pool", "info_nce", "lang_match", "linear_ce", "step", "data_validation")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

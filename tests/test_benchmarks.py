@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -32,7 +33,15 @@ def _import_benchmarks():
 
 
 harness = _import_benchmarks()
-from benchmarks import bench_info_nce, bench_lang_match, bench_linear_ce, bench_span_pool, bench_step, report  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_data_validation,
+    bench_info_nce,
+    bench_lang_match,
+    bench_linear_ce,
+    bench_span_pool,
+    bench_step,
+    report,
+)
 
 COMMON = ["--tiny", "--no-memory", "--skip-compile", "--threads", "1"]
 
@@ -225,3 +234,59 @@ def test_report_markdown_and_plots(tiny_results: Path) -> None:
         png = tiny_results / f"cpu_{bench}.png"
         assert png.exists() and png.stat().st_size > 1000
         assert f"({png.name})" in text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data validation (issue 16): the checks against a bypass that removes exactly them
+
+
+def test_data_validation_bypass_removes_the_checks_only() -> None:
+    """The bypassed normalisers give the checked rows for every record the checks pass (and for the field errors that
+    predate them), keep what the checks drop, and the bypass is undone on exit."""
+    from alignx.data import records, tokenize
+
+    ok1 = {"src_text": "Hapo mwanzo.", "tgt_text": "In the beginning.", "src_lang": "sw", "tgt_lang": "en"}
+    for rec in (ok1, {**ok1, "instruction": "Translate."}, {**ok1, "src_lang": "xx"}, {**ok1, "tgt_text": " "},
+                {**ok1, "src_text": None}, {**ok1, "tgt_lang": 3}):  # fmt: skip
+        assert bench_data_validation.normalize_stage1_unchecked(rec, 7) == records.normalize_stage1(rec, 7), rec
+    ok2 = {"instruction": "Repeat.", "input": "", "output": "Karibu.", "lang": "sw"}
+    for rec in (ok2, {**ok2, "input": None}, {**ok2, "lang": "xx"}, {**ok2, "output": ""}):
+        assert bench_data_validation.normalize_stage2_unchecked(rec, 7) == records.normalize_stage2(rec, 7), rec
+    for rec in ({**ok1, "tgt_lang": "sw"}, {**ok1, "tgt_text": ok1["src_text"]}, {**ok1, "src_text": "a\x00b"}):
+        assert records.normalize_stage1(rec)["drop"] in records.POISON_REASONS
+        assert bench_data_validation.normalize_stage1_unchecked(rec)["drop"] == ""
+    assert records.normalize_stage2({**ok2, "output": "\x07"})["drop"] == "bad_characters"
+    assert bench_data_validation.normalize_stage2_unchecked({**ok2, "output": "\x07"})["drop"] == ""
+
+    real = {name: getattr(tokenize, name) for name in bench_data_validation.BYPASS}
+    with bench_data_validation.checks_bypassed():
+        assert all(getattr(tokenize, name) is bench_data_validation.BYPASS[name] for name in real)
+    assert all(getattr(tokenize, name) is fn for name, fn in real.items())
+
+
+def test_data_validation_script_tiny(tmp_path: Path) -> None:
+    """The script end to end on synthetic records: both arms prepare every file, the checked arm drops the six
+    poisoned records and the bypassed arm keeps them, and the rows, the verdict and the JSON are written. Nothing
+    about the times is asserted."""
+    out = tmp_path / "results"
+    argv = ["--tiny", "--out-dir", str(out), "--run-id", "test-run", "--scratch", str(tmp_path)]
+    assert bench_data_validation.main(argv) == 0
+    result = json.loads((out / "cpu_data_validation.json").read_text())
+    checked, bypassed = result["arms"]["checked"], result["arms"]["bypassed"]
+    poisoned = {"bad_characters": 1, "same_language": 1, "identical_text": 1, "duplicate": 1}
+    assert checked["drops"]["stage1/train"] == poisoned
+    assert checked["drops"]["stage2/train"] == {"bad_characters": 1, "duplicate": 1}
+    assert not any(bypassed["drops"].values())
+    assert sum(bypassed["kept"].values()) - sum(checked["kept"].values()) == 6
+    assert result["data"]["lines"] == {"stage1/train": 44, "stage1/dev": 12, "stage2/train": 26, "stage2/dev": 8}
+    assert result["reps"] == 1 and set(result["ratio_of_medians"]) == {"cpu", "wall"}
+    rows = [r for r in read_csv(out / "cpu.csv") if r["bench"] == "data_validation"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (a, c) for a in ("checked", "bypassed") for c in ("cpu", "wall")
+    }
+    assert all(r["status"] == "ok" and r["run_id"] == "test-run" and float(r["time_ms"]) > 0 for r in rows)
+    ratios = [r for r in read_csv(out / "cpu_ratios.csv") if r["claim"].startswith("Data preparation")]
+    assert ratios[0]["target"] == "<= 1.05" and ratios[0]["verdict"] in ("PASS", "MISS")
+    assert not list(tmp_path.glob("alignx-bench-data-*"))  # the data and the caches are removed
+    text = report.render("cpu", out, "test-run", plots=False).read_text()
+    assert "bypassed" in text and "Data preparation" in text
