@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, ModelConfig
-from .objective import DIAG, IGNORE_INDEX, TERMS, AlignXObjective, HeadInputs, build_objective, kernel_op
+from .constants import IGNORE_INDEX
+from .objective import DIAG, TERMS, AlignXObjective, HeadInputs, build_objective, kernel_op
 
 __all__ = [
     "AlignXModel",

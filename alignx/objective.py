@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, ObjectiveConfig
+from .constants import IGNORE_INDEX, SOURCE_SPAN, TARGET_SPAN
 from .dist import NegativeQueue, all_gather_rows, gather_sizes, global_mean_scale, is_distributed
 from .similarity import SimilaritySpace, build_space
 
@@ -70,9 +71,6 @@ __all__ = [
     "shift_span_ids",
 ]
 
-IGNORE_INDEX = -100
-SOURCE_SPAN = 1
-TARGET_SPAN = 2
 NUM_SPANS = 2
 # Logit elements (B x T x V) handled per chunk of the fp32 cross-entropy: 2^26 fp32 = 256 MiB of temporaries, about
 # one 512-token row of a 128k vocabulary.

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from alignx.constants import IGNORE_INDEX
+
 from .harness import (
     DTYPES,
     METHOD_CPU,
@@ -123,7 +125,7 @@ def make_batch(batch: int, seq: int, vocab: int, device: str, seed: int = 0) -> 
     span_ids, mask = official_layout(batch, seq, g)
     tokens = torch.randint(4, vocab, (batch, seq), generator=g)
     input_ids = tokens.masked_fill(mask == 0, 0)
-    labels = input_ids.masked_fill(mask == 0, -100)
+    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
     other = torch.randint(1, 10, (batch,), generator=g)
     en_first = torch.rand(batch, generator=g) < 0.5
     src = torch.where(en_first, torch.zeros_like(other), other)

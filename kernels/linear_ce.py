@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ..constants import IGNORE_INDEX
 from ._common import (
     AOTSpec,
     check_float,
@@ -677,7 +678,7 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     logit_scale: float = 1.0,
     chunk_size: int | None = None,

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from alignx.constants import DEFAULT_INSTRUCTION
 from alignx.data.sources import SOURCES, SPLITS, SourceError, Unit, load_units, source_languages
 
 PIVOT = "en"
@@ -53,7 +54,7 @@ TASKS: dict[str, float] = {
 """Stage-2 task mix (weights; ``book`` is drawn only for Bible units, its weight then goes to ``translate``)."""
 
 TRANSLATE_PHRASES = (
-    "Translate the following sentence from {src} to {tgt}.",
+    DEFAULT_INSTRUCTION,
     "Translate this {src} text into {tgt}.",
     "What is the {tgt} translation of the following {src} text?",
 )

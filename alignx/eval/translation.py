@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from alignx.constants import DEFAULT_INSTRUCTION
+
 NO_SPACE_LANGS = frozenset({"zh", "ja", "ko", "th", "lo", "km", "my", "bo"})
-DEFAULT_INSTRUCTION = "Translate the following sentence from {src} to {tgt}."
 
 
 def bleu_tokenizer(lang: str) -> str:

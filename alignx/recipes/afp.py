@@ -50,9 +50,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from alignx.constants import SOURCE_SPAN as SOURCE
+from alignx.constants import TARGET_SPAN as TARGET
 from alignx.objective import AlignXObjective, NTPInput, kernel_op
 from alignx.recipes import DataHooks
-from alignx.recipes.data import SOURCE, TARGET, Segment, SegmentTokenizer, labels_for, prepare_records
+from alignx.recipes.data import Segment, SegmentTokenizer, labels_for, prepare_records
 
 if TYPE_CHECKING:
     from torch import nn
