@@ -100,9 +100,9 @@ def test_largest_micro_batch_is_the_boundary_of_the_estimate() -> None:
 
 
 def test_tiny_activation_estimate_within_25_percent_of_measured_cpu_peak() -> None:
-    from test_benchmarks import _import_benchmarks
+    from helpers import import_benchmarks
 
-    harness = _import_benchmarks()
+    harness = import_benchmarks()
     from benchmarks.bench_step import StepSpec
 
     micro = 16
