@@ -51,6 +51,11 @@ from pathlib import Path
 from typing import Any
 
 from alignx.config import Config, ConfigError, load_config
+from alignx.kernels.info_nce import DEFAULT_CHUNK_BYTES
+from alignx.kernels.lang_match import _TORCH_CHUNK_BYTES
+from alignx.models import PACKAGED, packaged_model_dir
+from alignx.objective import CE_CHUNK_ELEMENTS
+from alignx.testing import TINY_MODELS, _tiny_config, test_tokenizer
 
 __all__ = [
     "KNOWN_ARCHITECTURES",
@@ -126,12 +131,7 @@ def _hf_config(name: str) -> tuple[Any, str]:
     """The transformers config of ``name`` without downloading anything, and where it was found."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
-    from alignx.models import PACKAGED, packaged_model_dir
-    from alignx.testing import TINY_MODELS
-
     if name in TINY_MODELS:
-        from alignx.testing import _tiny_config, test_tokenizer
-
         tok = test_tokenizer()
         special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         return _tiny_config(TINY_MODELS[name], len(tok), 4, 64, special), "alignx.testing (tiny model)"
@@ -322,8 +322,6 @@ class Activations:
 def activation_terms(arch: Architecture, cfg: Config, b: int, *, world: int = 1, attn: str | None = None,
                      checkpointing: bool | None = None, precision: str | None = None) -> Activations:  # fmt: skip
     """Activation memory of a stage-1 step of ``b`` rows at ``data.cutoff_len`` (see the module docstring)."""
-    from alignx.objective import CE_CHUNK_ELEMENTS
-
     T = cfg.data.cutoff_len
     n, d, V = b * T, arch.hidden, arch.vocab
     s = BYTES[precision or cfg.engine.precision]
@@ -352,9 +350,6 @@ def activation_terms(arch: Architecture, cfg: Config, b: int, *, world: int = 1,
 
 def _objective_buffers(cfg: Config, d: int, b: int, world: int, s: int) -> list[Term]:
     """Contrastive and language-matching buffers: pooled states, gathered candidates, queue, bounded chunks."""
-    from alignx.kernels.info_nce import DEFAULT_CHUNK_BYTES
-    from alignx.kernels.lang_match import _TORCH_CHUNK_BYTES
-
     obj = cfg.objective
     if obj.kind == "ntp":
         return []

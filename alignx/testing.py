@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignx.constants import DEFAULT_INSTRUCTION
+from alignx.languages import lang_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -440,8 +441,6 @@ def write_instructions_jsonl(path: str | Path, n: int, langs: tuple[str, ...] = 
 
 
 def _lang_name(code: str) -> str:
-    from alignx.languages import lang_name
-
     return lang_name(code)
 
 

@@ -57,6 +57,7 @@ from ._common import (
     resolve_backend,
     upcast_in_kernel,
 )
+from .reference import linear_cross_entropy_ref
 from .span_pool import _round_bf16_rtne
 
 __all__ = [
@@ -733,8 +734,6 @@ def linear_cross_entropy(
     if validate:
         _check_label_range(labels, ignore_index, weight.shape[0])
     if impl == "reference":
-        from .reference import linear_cross_entropy_ref
-
         return linear_cross_entropy_ref(
             hidden, weight, labels, ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale
         )

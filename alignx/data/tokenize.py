@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from alignx.constants import DEFAULT_INSTRUCTION, IGNORE_INDEX
+from alignx.constants import DEFAULT_INSTRUCTION, IGNORE_INDEX, RECIPE_DATA_KINDS
 from alignx.constants import PROMPT_SPAN as PROMPT
 from alignx.constants import SOURCE_SPAN as SOURCE
 from alignx.constants import TARGET_SPAN as TARGET
@@ -560,10 +560,9 @@ def validate_inputs(cfg: Config, stages: tuple[int, ...], cache_dir: str | Path 
     """
     from filelock import FileLock
 
-    from alignx.recipes import data_hooks
-
     cache = _cache_dir(cfg, cache_dir)
-    files = {f: s for s in stages for f in _stage_files(cfg, s) if not (s == 1 and data_hooks(cfg) is not None)}
+    own_records = cfg.objective.kind in RECIPE_DATA_KINDS  # such a recipe reads its stage-1 files itself
+    files = {f: s for s in stages for f in _stage_files(cfg, s) if not (s == 1 and own_records)}
     empty, bad = [], {}
     for path, stage in files.items():
         try:
