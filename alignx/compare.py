@@ -43,7 +43,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignx.recipes import RECIPES, Recipe, RecipeError, get_recipe, recipe_config_path
+from alignx.config import load_config
+from alignx.data.build import _parse_versions, build
+from alignx.data.sources import SPLITS, Unit, load_units
+from alignx.eval.cli import evaluate, load_model
+from alignx.eval.report import best_layer, summary_lines
+from alignx.layout import export_dir, stage_dir
+from alignx.recipes import RECIPES, Recipe, RecipeError, afp, clmap, get_recipe, recipe_config_path
+from alignx.recipes.baselines import base_model_dir
+from alignx.schedule import run_stages, verify_export
 
 __all__ = ["Budget", "main", "parse_budget", "parser", "recipe_overrides"]
 
@@ -77,9 +85,6 @@ def parse_budget(text: str) -> Budget:
 
 def build_data(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The shared data (``alignx data build``) and the afp / clmap records from the same parallel units."""
-    from alignx.data.build import _parse_versions, build
-    from alignx.data.sources import SPLITS, Unit
-
     data = Path(args.data) if args.data else out / "data"
     langs = ["en", *args.langs]
     info_file = data / "recipes.json"
@@ -97,7 +102,6 @@ def build_data(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         units[split] = [Unit(**json.loads(line)) for line in lines if line.strip()]
     info: dict[str, Any] = {"data": str(data), "langs": langs, "afp": {}, "clmap": {}}
     context = _bible_context(args, langs) if any(u.source == "bible" for u in units["train"]) else {}
-    from alignx.recipes import afp, clmap
 
     for split in ("train", "dev"):
         recs = afp.build_records(units[split], context=context.get(split), cross_probability=args.afp_cross,
@@ -117,9 +121,6 @@ def build_data(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def _bible_context(args: argparse.Namespace, langs: list[str]) -> dict[str, dict[str, Any]]:
     """Every Bible verse of each split for ``langs`` by id (the neighbours of AFP's next-verse task)."""
-    from alignx.data.build import _parse_versions
-    from alignx.data.sources import load_units
-
     every = load_units("bible", langs, versions=_parse_versions(args.versions) or None, path=args.bible_db)
     return {split: {u.id: u for u in every if u.split == split} for split in ("train", "dev")}
 
@@ -167,17 +168,12 @@ def recipe_overrides(recipe: Recipe, args: argparse.Namespace, budget: Budget, d
     if args.align_layer is not None and recipe.kind in ("alignx", "afp"):
         o["model.align_layer"] = args.align_layer
     if recipe.stage1 is None:
-        from alignx.recipes.baselines import base_model_dir
-
         o["stage2.init_from"] = base_model_dir(args.model)
     return o
 
 
 def run_recipe(recipe: Recipe, args: argparse.Namespace, budget: Budget, data: Path, out: Path) -> dict[str, Any]:
     """Train one recipe (its stages); returns ``{stage: summary}`` read from the stages' ``summary.json``."""
-    from alignx.config import load_config
-    from alignx.schedule import export_dir, run_stages, stage_dir, verify_export
-
     cfg = load_config(recipe_config_path(recipe.name), recipe_overrides(recipe, args, budget, data, out))
     stages = (1, 2) if recipe.stage1 is not None else (2,)
     done = []
@@ -228,9 +224,6 @@ def _clear(path: Path) -> None:
 
 def run_eval(model: str, label: str, args: argparse.Namespace, units: dict, eval_dir: Path) -> dict[str, Any]:
     """:func:`alignx.eval.evaluate` of one model, written to ``eval/<label>.json`` (reused with ``--reuse``)."""
-    from alignx.eval.cli import evaluate, load_model
-    from alignx.eval.report import summary_lines
-
     path = eval_dir / f"{label}.json"
     if args.reuse and path.is_file():
         return json.loads(path.read_text())
@@ -260,8 +253,6 @@ def run_eval(model: str, label: str, args: argparse.Namespace, units: dict, eval
 
 def headline(result: dict[str, Any]) -> dict[str, float | int | None]:
     """Mean over languages of the metrics a reader compares first (None where the result has no such metric)."""
-    from alignx.eval.report import best_layer
-
     k = result["align_layer"]
     i = result["layers"].index(k) if k in result["layers"] else None
     ret = result["retrieval"]

@@ -19,6 +19,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from alignx.constants import DEFAULT_INSTRUCTION
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -101,7 +103,7 @@ class DataConfig:
     cutoff_len: int = doc(512, "Maximum sequence length in tokens (reference: 512).")
     template: str = doc("alpaca", "Prompt template: 'alpaca' (reference) or a path to a JSON template.")
     instruction: str = doc(
-        "Translate the following sentence from {src} to {tgt}.",
+        DEFAULT_INSTRUCTION,
         "Stage-1 instruction; {src} and {tgt} are replaced by language names.",
     )
     padding_side: Literal["left", "right"] = doc("left", "Padding side of collated batches (reference: left).")

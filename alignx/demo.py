@@ -31,6 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from alignx.data.build import build
+from alignx.layout import stage_dir
+
 
 def demo_overrides(args: argparse.Namespace, data: Path, train_dir: Path) -> dict[str, Any]:
     """Config values of the demo run (everything else keeps the reference defaults)."""
@@ -71,8 +74,6 @@ def build_data(args: argparse.Namespace, data: Path, *, progress: bool = True) -
     """The demo's data under ``data``: ``alignx data build --sources bible --langs en,<langs>`` with the demo's seed
     and sizes (``--train-pairs`` train verses, ``--eval-pairs`` held-out verses per language); returns the build
     summary. ``benchmarks/bench_data_validation.py`` prepares exactly these files."""
-    from alignx.data.build import build
-
     return build(
         ["bible"],
         ["en", *demo_langs(args)],
@@ -109,8 +110,6 @@ def trained_align_layer(cfg: Any, requested: int | str | None) -> int | None:
     if requested != "auto":
         return requested  # type: ignore[return-value]
     import yaml
-
-    from alignx.schedule import stage_dir
 
     saved = yaml.safe_load((stage_dir(cfg, 1) / "config.yaml").read_text())
     return int(saved["model"]["align_layer"])

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -494,11 +493,6 @@ class Engine:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
-    @property
-    def step_applied(self) -> bool:
-        """False when fp16 loss scaling skipped the last update (overflow)."""
-        return bool(self.ds.was_step_applied())
-
     def train(self) -> None:
         self.ds.train()
 
@@ -759,10 +753,3 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
-
-
-def steps_for(num_micro_batches: int, grad_accum: int, epochs: float, max_steps: int) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps) from this rank's micro-batch count of one epoch."""
-    per_epoch = num_micro_batches // grad_accum
-    total = max_steps if max_steps > 0 else math.ceil(epochs * per_epoch)
-    return per_epoch, total

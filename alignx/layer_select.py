@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .constants import SOURCE_SPAN, TARGET_SPAN
 from .eval.alignment import decoder_body
 from .kernels.reference import span_mean_pool_ref
-from .objective import SOURCE_SPAN, TARGET_SPAN
 
 __all__ = [
     "choose_align_layer",

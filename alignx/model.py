@@ -36,8 +36,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import models
 from .config import Config, ModelConfig
-from .objective import DIAG, IGNORE_INDEX, TERMS, AlignXObjective, HeadInputs, build_objective, kernel_op
+from .constants import IGNORE_INDEX
+from .objective import DIAG, TERMS, AlignXObjective, HeadInputs, build_objective, kernel_op
+from .testing import tiny_pretrained
 
 __all__ = [
     "AlignXModel",
@@ -110,15 +113,9 @@ def resolve_model_source(name: str, cache_dir: str | None = None) -> ModelSource
     directory or a hub id).
     """
     if name.startswith("tiny-"):
-        from alignx.testing import tiny_pretrained
-
         return ModelSource(str(tiny_pretrained(name, cache_dir)))
     if name in PACKAGED_MODELS:
-        try:
-            from alignx.models import resolve_pretrained
-        except ImportError as e:
-            raise ImportError(f"the packaged model {name!r} needs alignx.models.resolve_pretrained: {e}") from e
-        resolved = resolve_pretrained(name, cache_dir)
+        resolved = models.resolve_pretrained(name, cache_dir)
         if isinstance(resolved, tuple):
             return ModelSource(str(resolved[0]), resolved[1])
         return ModelSource(str(resolved))

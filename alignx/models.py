@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from alignx.testing import TINY_MODELS
+
 MARKER = "alignx-source.json"
 
 
@@ -140,8 +142,6 @@ def model_name_problem(name: str, key: str | None = None, weights: bool = False)
     """Why ``name`` cannot be loaded (one line naming the packaged models and what a local directory must hold), or
     None when it can: a packaged or tiny name, a model directory, or a hub id that is cached or reachable.
     ``weights``: the directory must also hold safetensors weights (pickled ``.bin`` weights are never loaded)."""
-    from alignx.testing import TINY_MODELS
-
     if name in PACKAGED or name in TINY_MODELS:
         return None
     packaged = ", ".join((*PACKAGED, *TINY_MODELS))

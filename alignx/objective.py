@@ -35,9 +35,8 @@ Packed batches (``data.packing``): ``batch["cu_seqlens"] [R + 1]`` marks R recor
 language-matching spans and the NTP masking all work per record, so the terms equal those of the padded batch.
 
 The ops come from :mod:`alignx.kernels` (``span_mean_pool``, ``info_nce``, ``lang_match_loss``) with
-``backend=objective.kernel_backend``; while a public op is not exported yet, its fp32 reference
-(``alignx.kernels.reference.<op>_ref``, same signature without ``backend``) is used, so the formula never changes
-with the implementation. Nothing here imports transformers or deepspeed.
+``backend=objective.kernel_backend``; each has an fp32 reference (``alignx.kernels.reference.<op>_ref``), so the
+formula never changes with the implementation. Nothing here imports transformers or deepspeed.
 """
 
 from __future__ import annotations
@@ -49,7 +48,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .config import ConfigError, ObjectiveConfig
+from .constants import IGNORE_INDEX, SOURCE_SPAN, TARGET_SPAN
 from .dist import NegativeQueue, all_gather_rows, gather_sizes, global_mean_scale, is_distributed
 from .similarity import SimilaritySpace, build_space
 
@@ -70,9 +71,6 @@ __all__ = [
     "shift_span_ids",
 ]
 
-IGNORE_INDEX = -100
-SOURCE_SPAN = 1
-TARGET_SPAN = 2
 NUM_SPANS = 2
 # Logit elements (B x T x V) handled per chunk of the fp32 cross-entropy: 2^26 fp32 = 256 MiB of temporaries, about
 # one 512-token row of a 128k vocabulary.
@@ -138,23 +136,8 @@ def contrastive_diagnostics(
 
 
 def kernel_op(name: str) -> Callable[..., Any]:
-    """The public ``alignx.kernels.<name>`` op, or its fp32 reference while the op is not exported.
-
-    Either way the returned callable accepts ``backend=`` (ignored by the reference).
-    """
-    import alignx.kernels as kernels
-
-    op = getattr(kernels, name, None)
-    if op is not None:
-        return op
-    ref = getattr(kernels.reference, f"{name}_ref", None)
-    if ref is None:
-        raise AttributeError(f"alignx.kernels exports no op {name!r} and has no reference {name}_ref")
-
-    def call_reference(*args: Any, backend: str | None = None, **kwargs: Any) -> Any:
-        return ref(*args, **kwargs)
-
-    return call_reference
+    """The public op ``alignx.kernels.<name>`` (it accepts ``backend=``)."""
+    return getattr(kernels, name)
 
 
 def shift_span_ids(span_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:

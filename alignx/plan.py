@@ -27,8 +27,9 @@ cannot reach the hub). The plan then gives, per GPU:
 
 * **activations** of one micro-batch of ``b`` rows at ``data.cutoff_len`` tokens (the worst case: every row full),
   from the tensors autograd saves in a Hugging Face decoder layer (Llama/Qwen2/Mistral or Gemma layout), plus the
-  attention mask SDPA materialises per layer when rows are padded, the logits and their gradient, the fp32
-  cross-entropy chunk, and the contrastive and language-matching buffers of the objective (bounded chunks). With
+  attention mask SDPA materialises per layer when rows are padded, the LM head (fused: the fp32 head gradients
+  formed in the forward and one chunk of logits; HF's head: the logits, their gradient and the fp32 cross-entropy
+  chunk), and the contrastive and language-matching buffers of the objective (bounded chunks). With
   gradient checkpointing only each layer's input is kept, plus one layer recomputed in backward.
 
 * **the largest micro-batch** that fits a given GPU memory, for the configured settings and for the settings that
@@ -51,6 +52,14 @@ from pathlib import Path
 from typing import Any
 
 from alignx.config import Config, ConfigError, load_config
+from alignx.kernels.info_nce import DEFAULT_CHUNK_BYTES
+from alignx.kernels.lang_match import _TORCH_CHUNK_BYTES
+from alignx.kernels.linear_ce import DEFAULT_CHUNK_BYTES as LCE_TORCH_CHUNK_BYTES
+from alignx.kernels.linear_ce import TRITON_CHUNK_BYTES as LCE_TRITON_CHUNK_BYTES
+from alignx.model import FUSED_HEAD_TYPES
+from alignx.models import PACKAGED, packaged_model_dir
+from alignx.objective import CE_CHUNK_ELEMENTS
+from alignx.testing import TINY_MODELS, _tiny_config, test_tokenizer
 
 __all__ = [
     "KNOWN_ARCHITECTURES",
@@ -126,12 +135,7 @@ def _hf_config(name: str) -> tuple[Any, str]:
     """The transformers config of ``name`` without downloading anything, and where it was found."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
-    from alignx.models import PACKAGED, packaged_model_dir
-    from alignx.testing import TINY_MODELS
-
     if name in TINY_MODELS:
-        from alignx.testing import _tiny_config, test_tokenizer
-
         tok = test_tokenizer()
         special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         return _tiny_config(TINY_MODELS[name], len(tok), 4, 64, special), "alignx.testing (tiny model)"
@@ -319,13 +323,43 @@ class Activations:
         return self.saved + max((t.nbytes for t in self.terms if t.kind == "transient"), default=0)
 
 
-def activation_terms(arch: Architecture, cfg: Config, b: int, *, world: int = 1, attn: str | None = None,
-                     checkpointing: bool | None = None, precision: str | None = None) -> Activations:  # fmt: skip
-    """Activation memory of a stage-1 step of ``b`` rows at ``data.cutoff_len`` (see the module docstring)."""
-    from alignx.objective import CE_CHUNK_ELEMENTS
+def lm_head_terms(arch: Architecture, cfg: Config, n: int, s: int, device: str = "cuda") -> list[Term]:
+    """The LM head's and the NTP loss's memory for ``n`` positions of ``s``-byte activations.
 
+    Fused (``model.fused_ce`` and a head :data:`alignx.model.FUSED_HEAD_TYPES` knows): no logits; the fp32 gradients
+    ``dW [V, D]`` and ``dH [n, D]`` formed in the forward live until the backward, beside one chunk of logits (Triton
+    on a GPU: fp32 logits + ``dZ`` in the input dtype within 1 GiB; the torch path on CPU: 256 MiB of fp32 logits and
+    an fp32 copy of the counted rows). Else HF's head: the logits are kept for the cross-entropy and the backward
+    holds their gradient and an fp32 chunk.
+    """
+    d, V = arch.hidden, arch.vocab
+    if cfg.model.fused_ce and arch.model_type in FUSED_HEAD_TYPES:
+        if device == "cuda":
+            rows = max(1, min(n, LCE_TRITON_CHUNK_BYTES // (V * (4 + s))))
+            chunk = rows * V * (4 + s)
+        else:
+            chunk = min(n, max(1, LCE_TORCH_CHUNK_BYTES // (4 * V))) * V * 4 + 4 * n * d
+        return [
+            Term("fused LM head: fp32 gradients formed in the forward (dW [V, D], dH [n, D])", 4 * (V + n) * d,
+                 "saved"),
+            Term("fused LM head: one chunk of logits", chunk, "transient"),
+        ]  # fmt: skip
+    chunk = min(CE_CHUNK_ELEMENTS, n * V)
+    one_fp32_chunk = s == 4 and chunk == n * V  # the fp32 chunk is the logits' gradient itself
+    lm_backward = n * V * s + (0 if one_fp32_chunk else 4 * chunk)
+    return [
+        Term("logits (LM head output, kept for the cross-entropy)", n * V * s, "saved"),
+        Term("LM head backward: logits gradient + fp32 cross-entropy chunk", lm_backward, "transient"),
+    ]
+
+
+def activation_terms(arch: Architecture, cfg: Config, b: int, *, world: int = 1, attn: str | None = None,
+                     checkpointing: bool | None = None, precision: str | None = None,
+                     device: str = "cuda") -> Activations:  # fmt: skip
+    """Activation memory of a stage-1 step of ``b`` rows at ``data.cutoff_len`` (see the module docstring) on a GPU
+    (``device="cpu"``: the LM head's CPU path, for checks against a CPU measurement)."""
     T = cfg.data.cutoff_len
-    n, d, V = b * T, arch.hidden, arch.vocab
+    n, d = b * T, arch.hidden
     s = BYTES[precision or cfg.engine.precision]
     attn = attn or planned_attention(cfg)
     ckpt = cfg.model.gradient_checkpointing if checkpointing is None else checkpointing
@@ -341,20 +375,13 @@ def activation_terms(arch: Architecture, cfg: Config, b: int, *, world: int = 1,
             out.terms.append(Term(f"{t.name} x {arch.layers} layers", t.nbytes * arch.layers, t.kind))
     final = _norm(d, n, s, arch.gemma, True)
     out.terms.append(Term("embeddings output and final norm", n * s * d + final, "saved"))
-    out.terms.append(Term("logits (LM head output, kept for the cross-entropy)", n * V * s, "saved"))
-    chunk = min(CE_CHUNK_ELEMENTS, n * V)
-    one_fp32_chunk = s == 4 and chunk == n * V  # the fp32 chunk is the logits' gradient itself
-    lm_backward = n * V * s + (0 if one_fp32_chunk else 4 * chunk)
-    out.terms.append(Term("LM head backward: logits gradient + fp32 cross-entropy chunk", lm_backward, "transient"))
+    out.terms += lm_head_terms(arch, cfg, n, s, device)
     out.terms += _objective_buffers(cfg, d, b, world, s)
     return out
 
 
 def _objective_buffers(cfg: Config, d: int, b: int, world: int, s: int) -> list[Term]:
     """Contrastive and language-matching buffers: pooled states, gathered candidates, queue, bounded chunks."""
-    from alignx.kernels.info_nce import DEFAULT_CHUNK_BYTES
-    from alignx.kernels.lang_match import _TORCH_CHUNK_BYTES
-
     obj = cfg.objective
     if obj.kind == "ntp":
         return []

@@ -30,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from alignx.config import Config, ConfigError
+from alignx.data import validate_inputs
 from alignx.engine import EXPORT_MANIFEST
+from alignx.layout import export_dir, stage_dir
+from alignx.models import PACKAGED, model_name_problem, packaged_model_dir
+from alignx.storage import probe_output_dir
+from alignx.trainer import Trainer
 
 __all__ = [
     "StageError",
@@ -49,16 +54,6 @@ STAGES = (1, 2)
 
 class StageError(RuntimeError):
     """A stage cannot start (its input is missing or incomplete); the message says which command fixes it."""
-
-
-def stage_dir(cfg: Config, stage: int) -> Path:
-    """``<train.output_dir>/stage<stage>``."""
-    return Path(cfg.train.output_dir) / f"stage{stage}"
-
-
-def export_dir(cfg: Config, stage: int) -> Path:
-    """The Hugging Face directory a finished stage exports: ``<stage dir>/export``."""
-    return stage_dir(cfg, stage) / "export"
 
 
 def parse_stages(stage: str | int) -> tuple[int, ...]:
@@ -116,7 +111,6 @@ def _estimate_model_dir(cfg: Config, stages: Sequence[int]) -> Path | None:
     """The directory whose weights size the run (for the free-space estimate), if it is on disk already."""
     if 1 not in stages:
         return Path(cfg.stage2.init_from) if cfg.stage2.init_from else export_dir(cfg, 1)
-    from alignx.models import PACKAGED, packaged_model_dir
 
     name = cfg.model.name_or_path
     if name in PACKAGED:
@@ -129,10 +123,6 @@ def preflight(cfg: Config, stages: Sequence[int]) -> None:
     ranks, the model and tokenizer names (:func:`alignx.models.model_name_problem`, no hub retries offline), the
     output directory (writable, room for the run: :func:`alignx.storage.probe_output_dir`) and every input file of
     every stage (:func:`alignx.data.validate_inputs`)."""
-    from alignx.data import validate_inputs
-    from alignx.models import model_name_problem
-    from alignx.storage import probe_output_dir
-
     check_stage_inputs(cfg, stages)
     # The launcher sets WORLD_SIZE before this process starts: the split is known before the group exists.
     cfg.train.grad_accum_steps(int(os.environ.get("WORLD_SIZE", "1")))
@@ -224,8 +214,6 @@ def run_stages(cfg: Config, stage: str | int, *, config_path: str | None = None,
 
     0 = every stage completed; 143 = stopped by SIGTERM after writing a checkpoint (resume with ``--resume auto``).
     """
-    from alignx.trainer import Trainer
-
     stages = parse_stages(stage)
     preflight(cfg, stages)
     for s in stages:

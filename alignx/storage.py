@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alignx.engine import latest_tag
+
 if TYPE_CHECKING:
     from alignx.config import Config
 
@@ -163,8 +165,6 @@ def storage_failure(err: BaseException, directory: Path) -> str | None:
 
 def last_checkpoint(output_dir: str | Path) -> str:
     """The newest complete checkpoint of any stage under ``output_dir`` ("none" if there is none)."""
-    from alignx.engine import latest_tag
-
     found = []
     for stage_dir in sorted(Path(output_dir).glob("stage*")):
         tag = latest_tag(stage_dir / "checkpoints")

@@ -26,6 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alignx.constants import DEFAULT_INSTRUCTION
+from alignx.languages import lang_name
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
@@ -425,7 +428,7 @@ def write_instructions_jsonl(path: str | Path, n: int, langs: tuple[str, ...] = 
             src_text, tgt_text = _pair_texts("en", lang, rng, seen[k % 2])
             if k % 2 == 0:
                 rec = {
-                    "instruction": f"Translate the following sentence from English to {_lang_name(lang)}.",
+                    "instruction": DEFAULT_INSTRUCTION.format(src="English", tgt=_lang_name(lang)),
                     "input": src_text,
                     "output": tgt_text,
                     "lang": lang,
@@ -438,8 +441,6 @@ def write_instructions_jsonl(path: str | Path, n: int, langs: tuple[str, ...] = 
 
 
 def _lang_name(code: str) -> str:
-    from alignx.languages import lang_name
-
     return lang_name(code)
 
 

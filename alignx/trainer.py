@@ -75,7 +75,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import alignx.model
 from alignx.config import Config, ConfigError, save_config
+from alignx.data import Collator, PackedCollator, batch_tokens, micro_batches, prepare_stage1, prepare_stage2
 from alignx.engine import (
     DistInfo,
     Engine,
@@ -86,10 +88,13 @@ from alignx.engine import (
     prune_checkpoints,
     verify_checkpoint,
 )
+from alignx.layer_select import choose_align_layer
+from alignx.layout import export_dir, stage_dir
 from alignx.metrics import MetricsLogger, format_table
+from alignx.model import AlignXModel
 from alignx.monitor import InertAlignmentMonitor
 from alignx.objective import DIAG
-from alignx.schedule import export_dir, stage_dir
+from alignx.recipes import data_hooks
 from alignx.similarity import build_space
 
 __all__ = ["RunResult", "Trainer", "TrainingError"]
@@ -185,7 +190,6 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.dist: DistInfo | None = None
         self._bar: Any = None
-        from alignx.recipes import data_hooks
 
         # A recipe's own records, columns, collator and batch order (alignx.recipes; None = the shared pipeline).
         self.recipe = data_hooks(cfg)
@@ -207,15 +211,13 @@ class Trainer:
         self.cfg.train.grad_accum_steps(self.dist.world_size)  # the batch split, before any data work
         resume_tag = self._check_run_dir()
         seed_everything(self.cfg.train.seed)
-        from alignx.model import AlignXModel, load_causal_lm, load_tokenizer
-
-        tokenizer = load_tokenizer(self.cfg.model)
+        tokenizer = alignx.model.load_tokenizer(self.cfg.model)
         data = self._rank0_first(lambda: self._prepare_data(tokenizer))
         plan = self._plan(data)
         self._say(self._plan_text(plan, data))
 
         with partitioned_loading(self.cfg, self.dist.world_size):  # ZeRO-3: each rank loads only its shards
-            lm = load_causal_lm(self.cfg.model)
+            lm = alignx.model.load_causal_lm(self.cfg.model)
         engine = Engine(AlignXModel(lm, self.cfg), self.cfg, plan.total_steps)
         start = self._resume(engine, plan, resume_tag)
         if self.cfg.model.align_layer == "auto" and engine.module.lang_head is not None:
@@ -313,8 +315,6 @@ class Trainer:
         return result if self.dist.is_main else fn()
 
     def _prepare_data(self, tokenizer: Any) -> Any:
-        from alignx.data import prepare_stage1, prepare_stage2
-
         prepare = prepare_stage1 if self.stage == 1 else prepare_stage2
         if self.recipe is not None:
             prepare = self.recipe.prepare
@@ -380,8 +380,6 @@ class Trainer:
         """``model.align_layer=auto``: measure the base model's retrieval per layer on a held-out slice and hook the
         best middle layer (:mod:`alignx.layer_select`). Every rank runs the same forwards (ZeRO-3 gathers the
         weights); rank 0's choice is broadcast."""
-        from alignx.layer_select import choose_align_layer
-
         assert self.dist is not None
         rows = data.eval if data.eval is not None and len(data.eval) > 0 else data.train
         n = min(self.cfg.model.align_probe_records, len(rows))
@@ -405,8 +403,6 @@ class Trainer:
         )
 
     def _collator(self, tokenizer: Any) -> Any:
-        from alignx.data import Collator, PackedCollator
-
         if self.recipe is not None and self.recipe.collator is not None:
             return self.recipe.collator(tokenizer, self.cfg)
         if self.cfg.data.packing:
@@ -477,15 +473,14 @@ class Trainer:
         return list(zip(rows["src_lang"], rows["tgt_lang"]))
 
     def _micro_batches(self, lengths: list[int], epoch: int, plan: Plan) -> list[list[int]]:
-        from alignx.data import micro_batches
-
         assert self.dist is not None
         extra: dict[str, Any] = {}
+        order = micro_batches
         if self.recipe is not None and self.recipe.micro_batches is not None:  # e.g. clmap: language-balanced
-            micro_batches, lengths = self.recipe.micro_batches, self._order_rows
+            order, lengths = self.recipe.micro_batches, self._order_rows
         elif self._direction_strata is not None:
             extra["strata"] = self._direction_strata
-        return micro_batches(
+        return order(
             lengths,
             self.cfg.train.micro_batch_size,
             world_size=self.dist.world_size,
@@ -580,8 +575,6 @@ class Trainer:
         self, engine: Engine, train: Any, micro: list[list[int]], collate: Any, window: _Window, step: int
     ) -> None:
         """``grad_accum`` micro-batches: forward, backward, and the optimizer step at the last one."""
-        from alignx.data import batch_tokens
-
         for idx in micro:
             cols = train[idx]
             rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
@@ -634,8 +627,6 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, engine: Engine, eval_ds: Any, collate: Any) -> dict[str, float]:
         """Mean of every term over the held-out micro-batches of all ranks."""
-        from alignx.data import batch_tokens, micro_batches
-
         assert self.dist is not None
         ds = eval_ds.select_columns(self._row_columns())
         batches = micro_batches(

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from alignx.constants import IGNORE_INDEX as IGNORE
+
 from .harness import (
     DTYPES,
     Bench,
@@ -49,7 +51,6 @@ from .harness import (
 )
 
 GB = 1 << 30
-IGNORE = -100
 NATIVE_POLICIES = ("compact", "accurate", "balanced")
 
 

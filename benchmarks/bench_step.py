@@ -2,8 +2,8 @@
 
 - ``ntp``: :class:`alignx.model.AlignXModel` with ``objective.kind = "ntp"`` (language modelling only);
 - ``alignx``: ``AlignXModel`` with the AlignX objective (hooks on the align layer and the final norm, the
-  ``alignx.kernels`` ops as :func:`alignx.objective.kernel_op` resolves them — printed, because a missing export
-  falls back to the fp32 references);
+  ``alignx.kernels`` ops as :func:`alignx.objective.kernel_op` resolves them — printed, so that a run shows which
+  implementation it timed);
 - ``alignx-hf-head``: the same with ``model.fused_ce = false``: HF's LM head writes the logits and the chunked
   fp32 cross-entropy reads them (the step before the fused linear cross-entropy);
 - ``official``: the same objective written as the official AlignX code computes it (:class:`OfficialStage1`): the
@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from alignx.constants import IGNORE_INDEX
 
 from .harness import (
     DTYPES,
@@ -123,7 +125,7 @@ def make_batch(batch: int, seq: int, vocab: int, device: str, seed: int = 0) -> 
     span_ids, mask = official_layout(batch, seq, g)
     tokens = torch.randint(4, vocab, (batch, seq), generator=g)
     input_ids = tokens.masked_fill(mask == 0, 0)
-    labels = input_ids.masked_fill(mask == 0, -100)
+    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
     other = torch.randint(1, 10, (batch,), generator=g)
     en_first = torch.rand(batch, generator=g) < 0.5
     src = torch.where(en_first, torch.zeros_like(other), other)
@@ -276,8 +278,6 @@ def op_resolution() -> dict[str, str]:
             continue
         if isinstance(op, types.ModuleType):
             out[name] = f"BROKEN: alignx.kernels.{name} is a module, not the op"
-        elif getattr(op, "__name__", "") == "call_reference":
-            out[name] = f"fp32 reference fallback (alignx.kernels exports no {name})"
         else:
             out[name] = f"{op.__module__}.{op.__name__}"
     return out

@@ -45,6 +45,7 @@ from ._common import (
     resolve_backend,
     upcast_in_kernel,
 )
+from .reference import info_nce_ref
 
 __all__ = ["info_nce", "info_nce_fwd", "info_nce_bwd", "aot_specs", "DEFAULT_CHUNK_BYTES", "EPS"]
 
@@ -1021,8 +1022,6 @@ def info_nce(
     if validate:
         _check_positive_range(positive_index, candidates.shape[0])
     if backend == "reference":
-        from .reference import info_nce_ref
-
         return info_nce_ref(
             anchors, candidates, positive_index, temperature, normalize=normalize, reduction=reduction,
             num_grad_candidates=num_grad_candidates,

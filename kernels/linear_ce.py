@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ..constants import IGNORE_INDEX
 from ._common import (
     AOTSpec,
     check_float,
@@ -56,6 +57,7 @@ from ._common import (
     resolve_backend,
     upcast_in_kernel,
 )
+from .reference import linear_cross_entropy_ref
 from .span_pool import _round_bf16_rtne
 
 __all__ = [
@@ -677,7 +679,7 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     logit_scale: float = 1.0,
     chunk_size: int | None = None,
@@ -732,8 +734,6 @@ def linear_cross_entropy(
     if validate:
         _check_label_range(labels, ignore_index, weight.shape[0])
     if impl == "reference":
-        from .reference import linear_cross_entropy_ref
-
         return linear_cross_entropy_ref(
             hidden, weight, labels, ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale
         )

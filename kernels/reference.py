@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..constants import IGNORE_INDEX
+
 __all__ = [
     "span_mean_pool_ref",
     "info_nce_ref",
@@ -124,7 +126,7 @@ def linear_cross_entropy_ref(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:

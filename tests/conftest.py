@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# The helpers shared by the test modules (tests/helpers.py) assert too: their failures get pytest's messages.
+pytest.register_assert_rewrite("helpers")
+
 REPO = Path(__file__).resolve().parents[1]
 # The repository's top-level ``kernels/`` folder must never be importable as ``kernels`` (that is Hugging Face's
 # package name); the package is used as the installed ``alignx.kernels``.

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_trainer import by_step, run_train, tiny_args
+from helpers import by_step, run_train, tiny_args
 
 ALIGN = [
     "--stage", "1",

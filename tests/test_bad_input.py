@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_trainer import REPO, by_step, clean_env, process_group_scope, run_train, shared_data, tiny_args
+from helpers import REPO, by_step, clean_env, process_group_scope, run_train, shared_data, tiny_args
 
 from alignx.cli import train_main
 

@@ -8,31 +8,13 @@ allocation because a method that cannot see an op's allocations would make every
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import import_benchmarks
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _import_benchmarks():
-    """Import the repository's ``benchmarks`` package by path (conftest keeps the repo root off sys.path)."""
-    if "benchmarks" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "benchmarks", REPO / "benchmarks" / "__init__.py", submodule_search_locations=[str(REPO / "benchmarks")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["benchmarks"] = module
-        spec.loader.exec_module(module)
-    import benchmarks.harness as harness
-
-    return harness
-
-
-harness = _import_benchmarks()
+harness = import_benchmarks()
 from benchmarks import (  # noqa: E402
     bench_data_validation,
     bench_info_nce,

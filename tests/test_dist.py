@@ -16,13 +16,26 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    TOTAL_STEPS,
+    TinyWithHead,
+    batches,
+    by_step,
+    clean_env,
+    free_port,
+    load_weights,
+    process_group_scope,
+    reference_run,
+    run_deepspeed,
+    tiny_args,
+)
+from helpers import engine_cfg as make_cfg
 
 pytestmark = pytest.mark.dist
 
@@ -31,25 +44,8 @@ REPO = HERE.parent
 STEPS = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deepspeed(script: Path, args: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus 2`` (2 processes on CPU), one thread each, on a free port."""
-    from test_trainer import clean_env
-
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(script), *args]
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _own_process_group():
-    from test_trainer import process_group_scope
-
     with process_group_scope():
         yield
 
@@ -61,7 +57,6 @@ def _own_process_group():
 def _engine_run(stage: int) -> dict:
     """5 steps of the test_engine model at ``stage`` on this process's share of global micro-batches 2s, 2s+1."""
     import torch.distributed as dist
-    from test_engine import TinyWithHead, batches, make_cfg
 
     from alignx.engine import Engine
 
@@ -114,7 +109,7 @@ def test_two_ranks_engine_matches_one_process_at_every_zero_stage(tmp_path: Path
     from alignx.engine import init_distributed
 
     out = tmp_path / "two_ranks.pt"
-    proc = _deepspeed(Path(__file__), ["--out", str(out)])
+    proc = run_deepspeed(Path(__file__), ["--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     two = torch.load(out, weights_only=False)
 
@@ -141,12 +136,11 @@ def test_two_ranks_engine_matches_one_process_at_every_zero_stage(tmp_path: Path
 
 
 def test_deepspeed_launcher_two_processes_match_one(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from test_trainer import TOTAL_STEPS, by_step, load_weights, reference_run, tiny_args
 
     base = tmp_path_factory.getbasetemp()
     reference = reference_run(base)
     out = base / "two_processes"
-    proc = _deepspeed(REPO / "train.py", tiny_args(base, out, "--stage", "all"))
+    proc = run_deepspeed(REPO / "train.py", tiny_args(base, out, "--stage", "all"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     for stage in (1, 2):
@@ -183,14 +177,13 @@ def test_sigterm_to_the_ranks_under_the_launcher_exits_143(tmp_path_factory: pyt
     import time
 
     import psutil
-    from test_trainer import TOTAL_STEPS, clean_env, tiny_args
 
     from alignx.trust import verify_checkpoint
 
     base = tmp_path_factory.getbasetemp()
     out = base / "two_processes_sigterm"
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "train.py")]
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "train.py")]
     proc = subprocess.Popen(
         [*cmd, *tiny_args(base, out, "--stage", "1")],
         cwd=REPO,

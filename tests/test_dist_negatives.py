@@ -21,67 +21,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MICRO, collate, make_cfg, make_model, make_records, process_group_scope, run_deepspeed
 
 pytestmark = pytest.mark.dist
 
 HERE = Path(__file__).resolve().parent
-VOCAB, HIDDEN, LAYERS = 256, 32, 2
-MICRO = 3  # records per rank and micro-batch; the 1-process reference runs 2 * MICRO as one micro-batch
 STAGES = (0, 1, 2, 3)
 QUEUE_SIZE, QUEUE_STEPS = 8, 3
 TOL = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shared fixtures: records, configs, models
-
-
-def make_records(n: int, seed: int, dropped: tuple[int, ...] = ()) -> list[dict]:
-    """``n`` synthetic stage-1 rows (BOS, prompt, source span 1, middle, target span 2, EOS) of varied lengths;
-    the rows in ``dropped`` have 2 target tokens (below ``min_target_tokens = 3``: dropped by the filter)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        pre, src, mid = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 5), (1, 7), (1, 4)))
-        tgt = 2 if i in dropped else int(torch.randint(3, 8, (1,), generator=g))
-        body = torch.randint(4, VOCAB, (pre + src + mid + tgt,), generator=g).tolist()
-        ids = [1, *body, 2]
-        spans = [0] * (1 + pre) + [1] * src + [0] * mid + [2] * tgt + [0]
-        rows.append({"input_ids": ids, "labels": ids, "span_ids": spans, "src_lang": i % 3, "tgt_lang": 3 + i % 2})
-    return rows
-
-
-def collate(rows: list[dict], packed: bool = False) -> dict[str, torch.Tensor]:
-    """Right padding (a left-padded row's first token would be predicted from padding, which depends on the batch's
-    width and so on how records are split) or one packed row."""
-    from alignx.data import Collator, PackedCollator
-
-    return PackedCollator()(rows) if packed else Collator(pad_token_id=0, padding_side="right")(rows)
-
-
-def make_cfg(**over):
-    from alignx.config import load_config
-
-    base = {
-        "model.attn_implementation": "sdpa",
-        "objective.kernel_backend": "torch",
-        "optim.lr": 0.0,  # weights stay put, so every step of a run compares with the same 1-process model
-        "optim.warmup_steps": 0,
-        "train.global_batch_size": 2 * MICRO,
-        "train.micro_batch_size": MICRO,
-        "engine.zero3_param_persistence_threshold": 0,
-    }
-    return load_config(None, {**base, **over})
-
-
-def make_model(cfg):
-    """The same initial weights in every process: seeded LM and language-matching head."""
-    from alignx.model import AlignXModel
-    from alignx.testing import tiny_causal_lm
-
-    lm = tiny_causal_lm("llama", vocab_size=VOCAB, num_layers=LAYERS, hidden=HIDDEN, seed=0)
-    torch.manual_seed(0)
-    return AlignXModel(lm, cfg).train()
+# Records of the runs (make_records, make_cfg, make_model and collate are in helpers.py)
 
 
 def global_records() -> list[dict]:
@@ -222,10 +173,8 @@ def _worker(argv: list[str]) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """One 2-process launch for the whole module; per-rank results."""
-    from test_dist import _deepspeed
-
     out = tmp_path_factory.mktemp("dist_negatives") / "two_ranks.pt"
-    proc = _deepspeed(Path(__file__), ["--out", str(out)])
+    proc = run_deepspeed(Path(__file__), ["--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out, weights_only=False)
 
@@ -233,7 +182,6 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 @pytest.fixture(scope="module")
 def one_process():
     """This process as rank 0 of 1 (the reference runs; ``negatives = global`` needs a process group)."""
-    from test_trainer import process_group_scope
 
     from alignx.config import Config
     from alignx.engine import init_distributed

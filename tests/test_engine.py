@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TinyWithHead, batches, process_group_scope
+from helpers import engine_cfg as make_cfg
 from torch import nn
 
 from alignx.config import Config, ConfigError, load_config
@@ -30,65 +32,11 @@ from alignx.engine import (
     prune_checkpoints,
 )
 
-VOCAB, D = 96, 32
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.distributed\.\w+.? is deprecated:FutureWarning")
-
-
-class TinyWithHead(nn.Module):
-    """HF causal LM as ``lm`` + a head whose parameters are used inside ``forward`` (left out of the export)."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=D,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        self.lm = LlamaForCausalLM(cfg)
-        self.lang_head = nn.Linear(D, 2, bias=False)
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.lm(input_ids=input_ids, labels=labels, output_hidden_states=True)
-        pooled = out.hidden_states[-1].mean(dim=1)  # [B, D]
-        head = nn.functional.cross_entropy(self.lang_head(pooled).float(), cls)
-        return {"loss": out.loss + 0.5 * head, "ntp": out.loss.detach(), "head": head.detach()}
-
-
-def batches(n: int, micro: int, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, VOCAB, (micro, 16), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone(), "cls": torch.randint(0, 2, (micro,), generator=g)})
-    return out
-
-
-def make_cfg(stage: int, **over) -> Config:
-    base = {
-        "engine.zero_stage": stage,
-        "engine.zero3_param_persistence_threshold": 0,  # partition every parameter of the tiny model
-        "train.global_batch_size": 8,
-        "train.micro_batch_size": 4,  # 2 accumulation steps on one rank
-        "optim.lr": 3e-3,
-        "optim.warmup_steps": 2,
-        "optim.max_grad_norm": 0.5,
-        "optim.weight_decay": 0.01,
-    }
-    base.update(over)
-    return load_config(None, base)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def dist_group():
-    from test_trainer import process_group_scope
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared 2-core machine
     with process_group_scope():

@@ -251,13 +251,12 @@ def _worker(argv: list[str]) -> None:
 
 @pytest.mark.dist
 def test_zero3_two_ranks_gather_the_tied_head(tmp_path: Path) -> None:
-    from test_dist import _deepspeed
-    from test_trainer import process_group_scope
+    from helpers import process_group_scope, run_deepspeed
 
     from alignx.engine import init_distributed
 
     out = tmp_path / "zero3.pt"
-    proc = _deepspeed(Path(__file__), ["--out", str(out)])
+    proc = run_deepspeed(Path(__file__), ["--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     two = torch.load(out, weights_only=False)
     with process_group_scope():

@@ -122,7 +122,9 @@ def test_junit_report_of_a_real_pytest_run_is_parsed(tmp_path: Path) -> None:
 
 
 def test_benchmark_rows_written_by_the_harness_are_parsed(tmp_path: Path) -> None:
-    from test_benchmarks import harness
+    from helpers import import_benchmarks
+
+    harness = import_benchmarks()
 
     # RunInfo as run_info() fills it on a GPU machine (its device name comes from CUDA, absent here).
     info = harness.RunInfo("run1", "2026-12-07T00:00:00+00:00", "abc", "cuda", "NVIDIA H100 80GB HBM3", "2.13.0", 0)

@@ -35,11 +35,10 @@ def two_node_commands(hostfile: Path, port: int, script: Path, args: list[str]) 
 
 
 def run_two_nodes(hostfile: Path, args: list[str]) -> list[subprocess.CompletedProcess]:
-    from test_dist import _free_port
-    from test_trainer import clean_env
+    from helpers import clean_env, free_port
 
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    cmds = two_node_commands(hostfile, _free_port(), REPO / "train.py", args)
+    cmds = two_node_commands(hostfile, free_port(), REPO / "train.py", args)
     procs = [
         subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for cmd in cmds
@@ -58,12 +57,11 @@ def run_two_nodes(hostfile: Path, args: list[str]) -> list[subprocess.CompletedP
 
 
 def test_two_nodes_match_one_node_with_two_processes(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from test_dist import _deepspeed
-    from test_trainer import TOTAL_STEPS, by_step, tiny_args
+    from helpers import TOTAL_STEPS, by_step, run_deepspeed, tiny_args
 
     base = tmp_path_factory.getbasetemp()
     one_node = base / "one_node_two_processes"
-    proc = _deepspeed(REPO / "train.py", tiny_args(base, one_node, "--stage", "1"))
+    proc = run_deepspeed(REPO / "train.py", tiny_args(base, one_node, "--stage", "1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     two_nodes = base / "two_nodes"
@@ -104,8 +102,7 @@ def test_a_dead_node_stops_the_run_cleanly_and_resume_auto_continues(tmp_path_fa
     import signal
     import time
 
-    from test_dist import _free_port
-    from test_trainer import TOTAL_STEPS, clean_env, tiny_args
+    from helpers import TOTAL_STEPS, clean_env, free_port, tiny_args
 
     base = tmp_path_factory.getbasetemp()
     hostfile, out = base / "hostfile_dead", base / "two_nodes_dead"
@@ -113,7 +110,7 @@ def test_a_dead_node_stops_the_run_cleanly_and_resume_auto_continues(tmp_path_fa
     args = tiny_args(base, out, "--stage", "1")
 
     def launch(extra: list[str]) -> list[subprocess.Popen]:
-        cmds = two_node_commands(hostfile, _free_port(), REPO / "train.py", args + extra)
+        cmds = two_node_commands(hostfile, free_port(), REPO / "train.py", args + extra)
         return [subprocess.Popen(c, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, start_new_session=True) for c in cmds]  # fmt: skip
 

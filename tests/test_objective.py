@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_batch
 from torch import nn
 
 from alignx.config import Config, ConfigError, ObjectiveConfig
@@ -29,40 +30,7 @@ LAYERS = 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fixtures
-
-
-def make_batch(rows: list[tuple[int, int, int, int]], langs: list[tuple[int, int]], *, seed: int = 0) -> dict:
-    """A left-padded batch marked the way the official code marks it.
-
-    Each row ``(prefix, src, mid, tgt)`` is ``BOS, prefix tokens, src tokens (1), mid tokens, tgt tokens (2), EOS``;
-    EOS is unmarked (the official target marks stop at L - 2). Padded to a multiple of 8 on the left.
-    """
-    g = torch.Generator().manual_seed(seed)
-    seqs, spans = [], []
-    for prefix, src, mid, tgt in rows:
-        body = torch.randint(4, VOCAB, (prefix + src + mid + tgt,), generator=g)
-        seqs.append(torch.cat([torch.tensor([1]), body, torch.tensor([2])]))
-        spans.append(torch.tensor([0] * (1 + prefix) + [1] * src + [0] * mid + [2] * tgt + [0]))
-    t = max(len(s) for s in seqs)
-    t = (t + 7) // 8 * 8
-    n = len(rows)
-    input_ids = torch.zeros(n, t, dtype=torch.long)
-    attention_mask = torch.zeros(n, t, dtype=torch.long)
-    span_ids = torch.zeros(n, t, dtype=torch.long)
-    for b, (s, sp) in enumerate(zip(seqs, spans)):
-        input_ids[b, t - len(s) :] = s
-        attention_mask[b, t - len(s) :] = 1
-        span_ids[b, t - len(s) :] = sp
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "span_ids": span_ids,
-        "src_lang": torch.tensor([a for a, _ in langs]),
-        "tgt_lang": torch.tensor([b for _, b in langs]),
-    }
+# Fixtures (make_batch, shared with test_similarity.py, is in helpers.py)
 
 
 # Row 2 has 2 target tokens (dropped by the official filter); row 1 exactly 3 (kept); lengths differ (left padding).

@@ -57,7 +57,7 @@ def _gemma3_sliding(vocab: int) -> torch.nn.Module:
 
 
 def _model(arch: str, **over):
-    from test_dist_negatives import VOCAB, make_cfg
+    from helpers import VOCAB, make_cfg
 
     from alignx.testing import tiny_causal_lm
 
@@ -68,7 +68,7 @@ def _model(arch: str, **over):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_packed_row_equals_each_record_alone(arch: str) -> None:
-    from test_dist_negatives import make_records
+    from helpers import make_records
 
     model = _model(arch)
     records = make_records(4, seed=5)
@@ -97,7 +97,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
     ids=["alignx", "alignx-symmetric", "ntp"],
 )
 def test_packed_batch_losses_and_gradients_equal_padded(over: dict) -> None:
-    from test_dist_negatives import make_records
+    from helpers import make_records
 
     records = make_records(6, seed=8, dropped=(2,))  # one record dropped by the filter
     packed_model = _model("llama", **over)
@@ -118,7 +118,7 @@ def test_packed_batch_losses_and_gradients_equal_padded(over: dict) -> None:
 
 
 def test_packed_batch_layout_and_bad_input() -> None:
-    from test_dist_negatives import make_records
+    from helpers import make_records
 
     records = make_records(3, seed=1)
     batch = PackedCollator()(records)
@@ -160,7 +160,7 @@ def test_packed_batch_layout_and_bad_input() -> None:
 def test_positions_per_step_drop_by_the_padding_fraction(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Real tokenised records, one epoch of micro-batches: packed positions = real tokens = padded positions x
     (1 - padding fraction); then the trainer logs it, and trains packed to the padded run's losses."""
-    from test_trainer import TINY, by_step, process_group_scope, shared_data
+    from helpers import TINY, by_step, process_group_scope, shared_data
 
     from alignx.config import load_config
     from alignx.data import micro_batches, prepare_stage1

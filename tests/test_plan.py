@@ -100,15 +100,15 @@ def test_largest_micro_batch_is_the_boundary_of_the_estimate() -> None:
 
 
 def test_tiny_activation_estimate_within_25_percent_of_measured_cpu_peak() -> None:
-    from test_benchmarks import _import_benchmarks
+    from helpers import import_benchmarks
 
-    harness = _import_benchmarks()
+    harness = import_benchmarks()
     from benchmarks.bench_step import StepSpec
 
     micro = 16
     cfg = load_config(TINY, [f"--train.micro_batch_size={micro}", f"--train.global_batch_size={micro}"])
     arch = architecture_of(cfg.model.name_or_path)
-    estimate = activation_terms(arch, cfg, micro, attn="sdpa").total
+    estimate = activation_terms(arch, cfg, micro, attn="sdpa", device="cpu").total
     spec = StepSpec(model="small", hidden=arch.hidden, layers=arch.layers, vocab=arch.vocab, dtype="fp32",
                     batch=micro, seq=cfg.data.cutoff_len, backend=cfg.objective.kernel_backend)  # fmt: skip
     res = harness.run_subprocess_job(

@@ -24,7 +24,7 @@ from alignx.dist import NegativeQueue
 
 @pytest.fixture(scope="module")
 def one_process():
-    from test_trainer import process_group_scope
+    from helpers import process_group_scope
 
     from alignx.config import Config
     from alignx.engine import init_distributed
@@ -123,7 +123,7 @@ def test_state_dict_round_trip_is_exact_in_the_training_dtype() -> None:
 
 
 def test_candidate_count_after_k_steps_and_no_gradient_for_the_queue(one_process: None) -> None:
-    from test_dist_negatives import collate, make_cfg, make_model, make_records
+    from helpers import collate, make_cfg, make_model, make_records
 
     capacity, steps = 10, 4
     cfg = make_cfg(**{"objective.negatives": "global+queue", "objective.queue_size": capacity})
@@ -151,7 +151,7 @@ def test_candidate_count_after_k_steps_and_no_gradient_for_the_queue(one_process
 
 def test_queue_gradient_equals_dense_reference_with_detached_queue(one_process: None) -> None:
     """The objective's contrastive term with a queue = InfoNCE over [gathered; queue.detach()] written densely."""
-    from test_dist_negatives import collate, make_cfg, make_model, make_records
+    from helpers import collate, make_cfg, make_model, make_records
 
     cfg = make_cfg(**{"objective.negatives": "global+queue", "objective.queue_size": 6})
     model = make_model(cfg)
@@ -182,7 +182,7 @@ def test_queue_gradient_equals_dense_reference_with_detached_queue(one_process: 
 
 
 def _run(base: Path, out: Path, *extra: str):
-    from test_trainer import TINY, shared_data
+    from helpers import TINY, shared_data
 
     from alignx.config import load_config
     from alignx.trainer import Trainer
@@ -215,7 +215,7 @@ def _queue_file(run: Path, step: int) -> dict:
 
 
 def test_resume_restores_the_queue_exactly(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from test_trainer import by_step, process_group_scope
+    from helpers import by_step, process_group_scope
 
     base = tmp_path_factory.getbasetemp()
     full, resumed = tmp_path_factory.mktemp("queue_full"), tmp_path_factory.mktemp("queue_resumed")
@@ -250,7 +250,7 @@ def test_bench_queue_smoke() -> None:
     import subprocess
     import sys
 
-    from test_trainer import REPO, clean_env
+    from helpers import REPO, clean_env
 
     cmd = [sys.executable, "-m", "benchmarks.bench_queue", "--tiny", "--no-csv", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)

@@ -35,7 +35,7 @@ TAU, SCALE = 0.1, 0.5
 
 @pytest.fixture(scope="module")
 def one_process():
-    from test_trainer import process_group_scope
+    from helpers import process_group_scope
 
     from alignx.engine import init_distributed
 
@@ -162,7 +162,7 @@ def test_space_loss_and_gradients_match_the_fp64_reference(name, per_language, n
 
 
 def test_warm_up_reports_the_term_but_trains_it_only_after_a_commit() -> None:
-    from test_objective import make_batch
+    from helpers import make_batch
 
     from alignx.model import AlignXModel
     from alignx.testing import tiny_causal_lm
@@ -355,10 +355,10 @@ def _worker(argv: list[str]) -> None:
 
 @pytest.mark.dist
 def test_two_ranks_build_the_statistics_of_one_process(tmp_path: Path) -> None:
-    from test_dist import _deepspeed
+    from helpers import run_deepspeed
 
     out = tmp_path / "states.pt"
-    proc = _deepspeed(Path(__file__), ["--out", str(out)])
+    proc = run_deepspeed(Path(__file__), ["--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     states = torch.load(out, weights_only=False)
     want = _state_of(1, 0)
@@ -377,7 +377,7 @@ def test_running_space_packed_equals_padded_and_runs_in_bf16() -> None:
     bf16 model gives a finite term close to fp32's (the map acts on the pooled fp32 vectors)."""
     import copy
 
-    from test_dist_negatives import VOCAB, make_cfg, make_records
+    from helpers import VOCAB, make_cfg, make_records
 
     from alignx.data import Collator, PackedCollator
     from alignx.model import AlignXModel

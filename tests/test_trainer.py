@@ -14,122 +14,38 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    REPO,
+    TINY,
+    TOTAL_STEPS,
+    by_step,
+    clean_env,
+    load_weights,
+    process_group_scope,
+    reference_run,
+    run_train,
+    shared_data,
+    tiny_args,
+)
 
 from alignx.cli import main as alignx_main
 from alignx.cli import train_main
 from alignx.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny_cpu.yaml"
-N_PAIRS, N_INSTRUCTIONS = 56, 24  # 48 training records -> 12 steps of global batch 4; 8 held out
-TOTAL_STEPS = 12
-RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")
 TERMS = ("train/loss", "train/ntp", "train/ctr", "train/lam", "train/grad_norm", "train/lr")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Helpers shared with test_dist.py
-
-
-def clean_env() -> dict[str, str]:
-    """The environment of a child run: no rank variables of this process, one thread per process."""
-    env = {k: v for k, v in os.environ.items() if k not in RANK_ENV}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return env
-
-
-@contextmanager
-def process_group_scope() -> Iterator[None]:
-    """In-process runs leave this process as they found it: a process group they created is destroyed and the
-    rank variables they set are removed (later tests, and their subprocesses, must not inherit them)."""
-    import torch.distributed as dist
-
-    from alignx.engine import shutdown_distributed
-
-    saved = {k: os.environ.get(k) for k in RANK_ENV}
-    had_group = dist.is_initialized()
-    try:
-        yield
-    finally:
-        if not had_group:
-            shutdown_distributed()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def shared_data(base: Path) -> tuple[Path, Path]:
-    from alignx.testing import write_instructions_jsonl, write_pairs_jsonl
-
-    pairs, instructions = base / "data" / "pairs.jsonl", base / "data" / "instructions.jsonl"
-    if not pairs.is_file():
-        write_pairs_jsonl(pairs, N_PAIRS, seed=3)
-        write_instructions_jsonl(instructions, N_INSTRUCTIONS, seed=3)
-    return pairs, instructions
-
-
-def tiny_args(base: Path, out: Path, *extra: str) -> list[str]:
-    pairs, instructions = shared_data(base)
-    return [
-        "--config",
-        str(TINY),
-        f"--data.train_file={pairs}",
-        f"--stage2.train_file={instructions}",
-        f"--train.output_dir={out}",
-        f"--data.cache_dir={base / 'data_cache'}",
-        *extra,
-    ]
-
-
-def run_train(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def reference_run(base: Path) -> Path:
-    """``python train.py --stage all`` once per test session (1 process, micro 2 x accumulation 2)."""
-    out = base / "reference"
-    if not (out / "stage2" / "summary.json").is_file():
-        proc = run_train(tiny_args(base, out, "--stage", "all"))
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
-
-
-def by_step(path: Path) -> dict[int, dict]:
-    """Metrics rows keyed by step (train and eval rows of a step merged); a step logged twice fails."""
-    merged: dict[int, dict] = {}
-    for row in read_metrics(path):
-        step = row["step"]
-        keys = [k for k in row if k not in ("step", "time")]
-        dup = [k for k in keys if k in merged.get(step, {})]
-        assert not dup, f"step {step} logged twice: {dup}"
-        merged.setdefault(step, {}).update({k: row[k] for k in keys})
-    return merged
-
-
-def load_weights(export: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(export / "model.safetensors"))
+# Fixtures (the helpers shared with test_dist.py and others are in helpers.py)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import process_group_scope, reference_run, run_train, tiny_args
+from helpers import process_group_scope, reference_run, run_train, tiny_args
 
 from alignx import trust
 from alignx.cli import train_main

@@ -39,7 +39,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from alignx.constants import DEFAULT_INSTRUCTION
 from alignx.data.sources import SOURCES, SPLITS, SourceError, Unit, load_units, source_languages
+from alignx.data.sources.bible import BIBLE_LANGS, available_langs, resolve_versions
+from alignx.languages import lang_name, normalize_code
 
 PIVOT = "en"
 TASKS: dict[str, float] = {
@@ -53,7 +56,7 @@ TASKS: dict[str, float] = {
 """Stage-2 task mix (weights; ``book`` is drawn only for Bible units, its weight then goes to ``translate``)."""
 
 TRANSLATE_PHRASES = (
-    "Translate the following sentence from {src} to {tgt}.",
+    DEFAULT_INSTRUCTION,
     "Translate this {src} text into {tgt}.",
     "What is the {tgt} translation of the following {src} text?",
 )
@@ -77,8 +80,6 @@ def stage1_records(unit: Unit, pairs: str) -> list[dict]:
 
 
 def _name(code: str) -> str:
-    from alignx.languages import lang_name
-
     return lang_name(code)
 
 
@@ -218,8 +219,6 @@ def build(
         versions: Bible versions per language (``{"tl": "ADB1905"}``).
         paths: per-source input overriding the installed package (``{"bible": "fixture.tsv"}``).
     """
-    from alignx.languages import normalize_code
-
     if pairs not in ("english", "all"):
         raise SourceError(f"pairs must be 'english' or 'all', got {pairs!r}")
     for s in sources:
@@ -241,8 +240,6 @@ def build(
     covered: set[str] = set()
     for source in sources:
         if source == "bible":
-            from alignx.data.sources.bible import available_langs
-
             have = set(available_langs(paths.get(source), versions))
         else:
             have = set(source_languages(source, paths.get(source)))
@@ -332,8 +329,6 @@ def _first_per_lang(units: list[Unit], cap: int | None) -> list[Unit]:
 
 
 def _bible_versions(langs: Sequence[str], versions: dict[str, str] | None) -> dict[str, str]:
-    from alignx.data.sources.bible import BIBLE_LANGS, resolve_versions
-
     use = [lang for lang in langs if lang in BIBLE_LANGS]
     return {lang: v.abbrev for lang, v in resolve_versions(use, versions).items()} if use else {}
 
@@ -347,8 +342,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 
 def format_stats(table: dict[str, dict]) -> str:
     """The per-language statistics as a markdown table."""
-    from alignx.languages import lang_name
-
     cols = [
         ("units train", "units_train"),
         ("units dev", "units_dev"),

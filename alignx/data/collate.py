@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from alignx.constants import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Collator", "PackedCollator", "batch_tokens"]
-
-_IGNORE = -100
 
 
 class Collator:
@@ -82,7 +82,7 @@ class Collator:
         B = len(rows)
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((B, T), dtype=torch.long)
-        labels = torch.full((B, T), _IGNORE, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
         span_ids = torch.zeros((B, T), dtype=torch.long)
         position_ids = torch.zeros((B, T), dtype=torch.long)
         for b, (row, n) in enumerate(zip(rows, lengths)):
@@ -133,7 +133,7 @@ class PackedCollator:
                 if key in row and len(row[key]) != n:
                     raise ValueError(f"row {i}: len({key})={len(row[key])} != len(input_ids)={n}")
             lab = torch.as_tensor(row.get("labels", row["input_ids"]), dtype=torch.long).clone()
-            lab[0] = _IGNORE
+            lab[0] = IGNORE_INDEX
             ids.append(torch.as_tensor(row["input_ids"], dtype=torch.long))
             labels.append(lab)
             spans.append(

@@ -58,6 +58,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from alignx.constants import DEFAULT_INSTRUCTION, IGNORE_INDEX, RECIPE_DATA_KINDS
+from alignx.constants import PROMPT_SPAN as PROMPT
+from alignx.constants import SOURCE_SPAN as SOURCE
+from alignx.constants import TARGET_SPAN as TARGET
 from alignx.data.prompt import Rendered, Template, instruction_text, load_template
 from alignx.data.records import (
     DROP_REASONS,
@@ -93,10 +97,8 @@ __all__ = [
 # Bump when the row layout or the span rule changes: it is part of the datasets cache key.
 FORMAT_VERSION = "alignx-data-2"
 
-PROMPT, SOURCE, TARGET = 0, 1, 2
 BAD_LINES_FILE = "bad_lines.jsonl"  # <train.output_dir>/bad_lines.jsonl: every bad line of a refused input
 ROW_COLUMNS = ("input_ids", "labels", "span_ids", "src_lang", "tgt_lang", "length")
-_IGNORE = -100
 _PROBE = "Probe: Hello world!\n\n### Input:\n 你好 😀 नमस्ते"
 
 
@@ -167,7 +169,7 @@ class Encoder:
         *,
         stage: Literal[1, 2] = 1,
         template: Template | None = None,
-        instruction: str = "Translate the following sentence from {src} to {tgt}.",
+        instruction: str = DEFAULT_INSTRUCTION,
         cutoff_len: int = 512,
         min_target_tokens: int = 3,
         labels: Literal["all", "response"] = "all",
@@ -308,7 +310,7 @@ class Encoder:
             keep = region == TARGET
             if eos_added:
                 keep[-1] = True
-            labels = np.where(keep, np.asarray(ids), _IGNORE).tolist()
+            labels = np.where(keep, np.asarray(ids), IGNORE_INDEX).tolist()
         return {
             "input_ids": ids,
             "labels": labels,
@@ -558,10 +560,9 @@ def validate_inputs(cfg: Config, stages: tuple[int, ...], cache_dir: str | Path 
     """
     from filelock import FileLock
 
-    from alignx.recipes import data_hooks
-
     cache = _cache_dir(cfg, cache_dir)
-    files = {f: s for s in stages for f in _stage_files(cfg, s) if not (s == 1 and data_hooks(cfg) is not None)}
+    own_records = cfg.objective.kind in RECIPE_DATA_KINDS  # such a recipe reads its stage-1 files itself
+    files = {f: s for s in stages for f in _stage_files(cfg, s) if not (s == 1 and own_records)}
     empty, bad = [], {}
     for path, stage in files.items():
         try:

@@ -132,10 +132,11 @@ def evaluate(
     """
     import torch
 
+    from alignx.constants import DEFAULT_INSTRUCTION
     from alignx.eval.alignment import encode_layers, layer_retrieval, resolve_pooling
     from alignx.eval.perplexity import perplexity as ppl_fn
     from alignx.eval.probe import probe_accuracy
-    from alignx.eval.translation import DEFAULT_INSTRUCTION, evaluate_translation
+    from alignx.eval.translation import evaluate_translation
 
     if split not in units:
         raise EvalError(f"unknown split {split!r}; valid splits: {', '.join(units)}")

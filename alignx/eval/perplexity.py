@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from alignx.constants import IGNORE_INDEX
+
 
 @torch.no_grad()
 def perplexity(
@@ -57,12 +59,12 @@ def perplexity(
             mask[r, : len(enc[i])] = 1
         ids, mask = ids.to(device), mask.to(device)
         logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         nll += loss.item()
-        tokens += int((target != -100).sum().item())
+        tokens += int((target != IGNORE_INDEX).sum().item())
     if tokens == 0:
         raise ValueError("every text is a single token: nothing to predict")
     chars = sum(len(t) for t in texts)

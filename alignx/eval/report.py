@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from alignx.eval.plots import plot_per_language, plot_probe_by_layer, plot_retrieval_by_layer
+
 ORDER = ("base", "stage1", "stage2")
 
 
@@ -210,8 +212,6 @@ def render_report(results: Sequence[dict[str, Any]], plots: dict[str, str] | Non
 
 def write_report(results: Sequence[dict[str, Any]], out: str | Path) -> dict[str, str]:
     """Write ``report.md`` and the PNG plots for ``results`` into ``out``; returns their paths by name."""
-    from alignx.eval.plots import plot_per_language, plot_probe_by_layer, plot_retrieval_by_layer
-
     if not results:
         raise ValueError("no results to report")
     results = order_results(results)

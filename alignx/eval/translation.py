@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from alignx.constants import DEFAULT_INSTRUCTION
+from alignx.data.prompt import ALPACA, instruction_text
+
 NO_SPACE_LANGS = frozenset({"zh", "ja", "ko", "th", "lo", "km", "my", "bo"})
-DEFAULT_INSTRUCTION = "Translate the following sentence from {src} to {tgt}."
 
 
 def bleu_tokenizer(lang: str) -> str:
@@ -53,8 +55,6 @@ def translation_scores(hyps: Sequence[str], refs: Sequence[str], tgt_lang: str) 
 
 def translation_prompt(text: str, src_lang: str, tgt_lang: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
     """The training prompt (Alpaca, with input) asking to translate ``text``; the response follows it."""
-    from alignx.data.prompt import ALPACA, instruction_text
-
     return ALPACA.render(instruction_text(instruction, src_lang, tgt_lang), text, "").text
 
 

@@ -25,10 +25,12 @@ and every stage 2) means the shared AlignX pipeline (:mod:`alignx.data`). :mod:`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from alignx.recipes import afp, clmap
+from alignx.recipes.hooks import DataHooks
 
 if TYPE_CHECKING:
     from alignx.config import Config
@@ -132,36 +134,11 @@ def recipe_config_path(name: str, root: str | Path | None = None) -> Path:
 # What the trainer asks
 
 
-@dataclass(frozen=True)
-class DataHooks:
-    """How a recipe's stage-1 records differ from the shared pipeline.
-
-    Attributes:
-        prepare: replaces :func:`alignx.data.prepare_stage1`; same signature
-            ``(cfg, tokenizer, *, train_file, eval_file=None, cache_dir=None, verbose=True) -> Prepared``.
-        extra_columns: row columns the recipe's collator needs besides the shared ones.
-        collator: ``(tokenizer, cfg) -> callable(rows) -> batch``; None = :class:`alignx.data.Collator`.
-        micro_batches: replaces :func:`alignx.data.micro_batches` for training; called with the prepared training
-            dataset instead of its lengths, the other arguments unchanged. None = the shared order.
-        unused_terms: objective terms that are always 0 for this recipe (not logged).
-    """
-
-    prepare: Callable[..., Any]
-    extra_columns: tuple[str, ...] = ()
-    collator: Callable[[Any, Config], Any] | None = None
-    micro_batches: Callable[..., list[list[int]]] | None = None
-    unused_terms: tuple[str, ...] = ()
-
-
 def data_hooks(cfg: Config) -> DataHooks | None:
     """The data hooks of ``cfg.objective.kind`` (None = the shared AlignX pipeline: kinds ``alignx`` and ``ntp``)."""
     kind = cfg.objective.kind
     if kind == "afp":
-        from alignx.recipes import afp
-
         return afp.DATA_HOOKS
     if kind == "clmap":
-        from alignx.recipes import clmap
-
         return clmap.DATA_HOOKS
     return None

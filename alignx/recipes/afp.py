@@ -50,9 +50,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from alignx.objective import AlignXObjective, NTPInput, kernel_op
-from alignx.recipes import DataHooks
-from alignx.recipes.data import SOURCE, TARGET, Segment, SegmentTokenizer, labels_for, prepare_records
+from alignx.config import ConfigError
+from alignx.constants import SOURCE_SPAN as SOURCE
+from alignx.constants import TARGET_SPAN as TARGET
+from alignx.data import Collator
+from alignx.dist import all_gather_rows, gather_sizes, global_mean_scale, is_distributed
+from alignx.languages import lang_id, lang_name
+from alignx.model import find_decoder_parts
+from alignx.objective import AlignXObjective, NTPInput, kernel_op, lm_loss_sum
+from alignx.recipes.data import Segment, SegmentTokenizer, labels_for, prepare_records
+from alignx.recipes.hooks import DataHooks
 
 if TYPE_CHECKING:
     from torch import nn
@@ -105,8 +112,6 @@ def clm_segment(instruction: str, input: str, output: str, answer_lang: str) -> 
     ``"{instruction} {input} Answer in {B}: {output}"``, or without input ``"{instruction} Answer in {B}: {output}"``,
     ``B`` = the English name of ``answer_lang``.
     """
-    from alignx.languages import lang_name
-
     head = f"{instruction} "
     src = (len(head), len(head) + len(input)) if input else (len(head), len(head))
     prompt = (
@@ -118,8 +123,6 @@ def clm_segment(instruction: str, input: str, output: str, answer_lang: str) -> 
 
 
 def _normalize(rec: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    from alignx.languages import lang_id
-
     row: dict[str, Any] = {}
     for key in ("sent0", "sent1", "instruction", "output", "lang0", "lang1", "output_lang"):
         if rec.get(key) is None:
@@ -233,8 +236,6 @@ class AFPCollator:
     """
 
     def __init__(self, tokenizer: Any, cfg: Config) -> None:
-        from alignx.data import Collator
-
         self.text = Collator(tokenizer, padding_side=cfg.data.padding_side, pad_to_multiple_of=8)
         self.pairs = Collator(tokenizer, padding_side="right", pad_to_multiple_of=8)
 
@@ -264,8 +265,6 @@ def encode_layer(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, layer
     """``[B, T, D]`` output of decoder block ``layer`` (1-based, HF ``hidden_states[layer]``; ``layer = N`` is the
     final-norm output) for a separate forward of the decoder body on ``input_ids`` (no LM head: its logits are not
     needed). The state is captured by a forward hook that exists only during this call."""
-    from alignx.model import find_decoder_parts
-
     layers, norm = find_decoder_parts(lm)
     n = len(layers)
     if not 1 <= layer <= n:
@@ -298,9 +297,6 @@ class AFPObjective(AlignXObjective):
     kinds = ("afp",)
 
     def __init__(self, cfg: ObjectiveConfig, *, min_target_tokens: int = 3, clm_weight: float = CLM_WEIGHT) -> None:
-        from alignx.config import ConfigError
-        from alignx.dist import is_distributed
-
         if cfg.negatives not in ("local", "global"):
             raise ConfigError(
                 f"objective.negatives={cfg.negatives!r}: the afp recipe contrasts within the micro-batch ('local') or "
@@ -369,9 +365,6 @@ class AFPObjective(AlignXObjective):
         (:func:`alignx.dist.global_mean_scale`); the gathered ``z1`` carry gradients back to their ranks. Every rank
         makes the same collectives whatever its row count.
         """
-        from alignx.dist import all_gather_rows, gather_sizes, global_mean_scale
-        from alignx.objective import lm_loss_sum
-
         clm_sum, n_tokens = lm_loss_sum(logits, labels)
         sizes = gather_sizes([z0.shape[0], int(n_tokens)], device=logits.device, group=self.group)
         clm = clm_sum * global_mean_scale(sizes, column=1)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignx.model import resolve_model_source
+
 __all__ = ["base_model_dir"]
 
 
@@ -25,8 +27,6 @@ def base_model_dir(name_or_path: str, cache_dir: str | None = None) -> str:
     Raises:
         ValueError: the model is only available as a GGUF file or a hub id (stage 2 needs a local directory).
     """
-    from alignx.model import resolve_model_source
-
     src = resolve_model_source(name_or_path, cache_dir)
     if src.gguf_file or not (Path(src.path) / "config.json").is_file():
         raise ValueError(

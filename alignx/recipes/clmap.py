@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from alignx.languages import lang_id, lang_name
 from alignx.objective import AlignXObjective
-from alignx.recipes import DataHooks
 from alignx.recipes.data import Segment, SegmentTokenizer, labels_for, prepare_records
+from alignx.recipes.hooks import DataHooks
 
 if TYPE_CHECKING:
     from alignx.config import Config
@@ -74,8 +75,6 @@ DROP_REASONS: dict[str, str] = {
 
 def mapping_segment(src_text: str, tgt_text: str, src_lang: str, tgt_lang: str) -> Segment:
     """``"{Src}: {x}\\n{Tgt}: {y}"`` with the character ranges of ``x`` (source) and ``y`` (target)."""
-    from alignx.languages import lang_name
-
     head = f"{lang_name(src_lang)}: "
     mid = f"\n{lang_name(tgt_lang)}: "
     start_y = len(head) + len(src_text) + len(mid)
@@ -85,8 +84,6 @@ def mapping_segment(src_text: str, tgt_text: str, src_lang: str, tgt_lang: str) 
 
 
 def _normalize(rec: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    from alignx.languages import lang_id
-
     kind = rec.get("kind")
     if kind is None:
         return {}, "missing_field"

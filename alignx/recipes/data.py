@@ -27,6 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from alignx.constants import IGNORE_INDEX
+from alignx.constants import PROMPT_SPAN as PROMPT
+from alignx.constants import SOURCE_SPAN as SOURCE
+from alignx.constants import TARGET_SPAN as TARGET
 from alignx.data import DataError, Encoder, Prepared, iter_jsonl, token_regions
 
 if TYPE_CHECKING:
@@ -41,9 +45,6 @@ __all__ = [
     "prepare_records",
     "tokenize_segments",
 ]
-
-PROMPT, SOURCE, TARGET = 0, 1, 2
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

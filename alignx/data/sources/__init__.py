@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from alignx.data.sources.bible import BIBLE_LANGS, AlignStats, aligned_verses
+from alignx.data.sources.catalogs import django_roots, django_units, kolibri_root, kolibri_units, locale_dirs
 from alignx.data.sources.common import SPLITS, SourceError, Unit, check_langs
 
 SOURCES: tuple[str, ...] = ("bible", "kolibri", "django")
@@ -41,8 +43,6 @@ def load_units(
     """
     stats = stats if stats is not None else {}
     if source == "bible":
-        from alignx.data.sources.bible import AlignStats, aligned_verses
-
         st = AlignStats()
         units = aligned_verses(langs, versions=versions, db=path, stats=st)
         stats.update(
@@ -55,12 +55,8 @@ def load_units(
     if versions:
         raise SourceError(f"versions apply to the bible source only, not {source!r}")
     if source == "kolibri":
-        from alignx.data.sources.catalogs import kolibri_units
-
         return kolibri_units(langs, path, stats)
     if source == "django":
-        from alignx.data.sources.catalogs import django_units
-
         return django_units(langs, path, stats)
     raise SourceError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
 
@@ -68,15 +64,9 @@ def load_units(
 def source_languages(source: str, path: str | Path | None = None) -> tuple[str, ...]:
     """Languages a source covers: the Bible's 22, or the locales of the installed catalogs (or of ``path``)."""
     if source == "bible":
-        from alignx.data.sources.bible import BIBLE_LANGS
-
         return BIBLE_LANGS
     if source == "kolibri":
-        from alignx.data.sources.catalogs import kolibri_root, locale_dirs
-
         return tuple(sorted(locale_dirs(kolibri_root(path))))
     if source == "django":
-        from alignx.data.sources.catalogs import django_roots, locale_dirs
-
         return tuple(sorted({"en"}.union(*(locale_dirs(r) for r in django_roots(path)))))
     raise SourceError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from alignx.data.sources.common import SourceError, Unit, check_langs, drop_heldout_duplicates, normalise_for_dedup
+from alignx.languages import normalize_code
 
 INSTALL = {
     "kolibri": "pip install --no-deps kolibri==0.19.5",
@@ -62,8 +63,6 @@ def _package_dir(module: str) -> Path:
 def locale_dirs(root: Path) -> dict[str, Path]:
     """ISO 639 code -> locale directory (``sw_TZ`` -> ``sw``); region variants resolved by
     :data:`PREFERRED_LOCALE`, else the alphabetically first."""
-    from alignx.languages import normalize_code
-
     found: dict[str, list[Path]] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         if d.name in SKIP_LOCALES:

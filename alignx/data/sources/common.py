@@ -7,6 +7,8 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 
+from alignx.languages import LANGUAGES
+
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
 
@@ -41,8 +43,6 @@ class Unit:
 
 def known_languages() -> dict[str, str]:
     """ISO 639-1 code -> English name, from :mod:`alignx.languages`."""
-    from alignx.languages import LANGUAGES
-
     return dict(LANGUAGES)
 
 
