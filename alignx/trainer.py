@@ -76,6 +76,7 @@ import torch
 import torch.distributed as dist
 
 import alignx.model
+from alignx.checkpoint_state import client_state, data_order_problem, restore_alignment, restore_negatives
 from alignx.config import Config, ConfigError, save_config
 from alignx.data import Collator, PackedCollator, batch_tokens, micro_batches, prepare_stage1, prepare_stage2
 from alignx.engine import (
@@ -99,8 +100,6 @@ from alignx.similarity import build_space
 __all__ = ["RunResult", "Trainer", "TrainingError"]
 
 ROW_COLUMNS = ["input_ids", "labels", "span_ids", "src_lang", "tgt_lang"]
-NEGATIVES_FILE = "negatives_queue"  # <checkpoint>/negatives_queue.pt, written once (identical on every rank)
-SIMILARITY_FILE = "similarity_stats"  # <checkpoint>/similarity_stats.pt: running statistics of the similarity space
 
 
 class TrainingError(RuntimeError):
@@ -395,46 +394,20 @@ class Trainer:
             return 0
         root, name = (Path(tag).parent, Path(tag).name) if Path(tag).is_absolute() else (self.ckpt_dir, tag)
         client = engine.load_checkpoint(root, name)
-        expected = {"global_batch_size": self.cfg.train.global_batch_size, "steps_per_epoch": plan.steps_per_epoch}
-        for key, value in expected.items():
-            if client.get(key) != value:
-                raise TrainingError(
-                    f"checkpoint {root / name} was written with {key}={client.get(key)}, this run has {value}: "
-                    "the data order would not continue (same data and global batch are needed to resume)"
-                )
+        where = root / name
+        batch = self.cfg.train.global_batch_size
+        problem = data_order_problem(client, where, global_batch_size=batch, steps_per_epoch=plan.steps_per_epoch)
+        if problem is not None:
+            raise TrainingError(problem)
         step = int(client["step"])
-        if client.get("negatives_queue"):
-            engine.module.load_negatives_state(engine.load_shared(root, name, NEGATIVES_FILE), engine.device)
-        elif engine.module.negatives_state() is not None:
-            raise TrainingError(
-                f"checkpoint {root / name} holds no negatives queue but this run uses objective.negatives="
-                f"{self.cfg.objective.negatives!r}; resume with the checkpoint's objective settings"
-            )
-        self._resume_alignment(engine, client, root / name)
+        obj = self.cfg.objective
+        problem = restore_negatives(engine, client, root, name, obj.negatives) or restore_alignment(
+            engine, client, where, similarity=obj.similarity, align_layer=self.cfg.model.align_layer
+        )
+        if problem is not None:
+            raise TrainingError(problem)
         self._say(f"[train] stage {self.stage}: resumed from {root / name} at step {step}")
         return step
-
-    def _resume_alignment(self, engine: Engine, client: dict[str, Any], where: Path) -> None:
-        """The similarity space's running statistics and the aligned layer of the checkpoint."""
-        module = engine.module
-        if not hasattr(module, "similarity_state"):
-            return
-        if client.get("similarity_stats"):
-            module.load_similarity_state(engine.load_shared(where.parent, where.name, SIMILARITY_FILE))
-        elif module.similarity_state() is not None:
-            raise TrainingError(
-                f"checkpoint {where} holds no similarity statistics but this run uses objective.similarity="
-                f"{self.cfg.objective.similarity!r}; resume with the checkpoint's objective settings"
-            )
-        layer = client.get("align_layer")
-        if layer is None or module.lang_head is None or int(layer) == module.align_layer:
-            return
-        if self.cfg.model.align_layer != "auto":
-            raise TrainingError(
-                f"checkpoint {where} aligned layer {layer}, this run has model.align_layer={module.align_layer}; "
-                "resume with the checkpoint's layer (or model.align_layer=auto)"
-            )
-        module.set_align_layer(int(layer))
 
     # ------------------------------------------------------------------------------------------------------------
     # The loop
@@ -634,24 +607,16 @@ class Trainer:
 
     def _checkpoint(self, engine: Engine, plan: Plan, step: int) -> None:
         assert self.dist is not None
-        client = {
-            "step": step,
-            "epoch": step // plan.steps_per_epoch,
-            "steps_per_epoch": plan.steps_per_epoch,
-            "total_steps": plan.total_steps,
-            "global_batch_size": self.cfg.train.global_batch_size,
-            "world_size": self.dist.world_size,
-            "stage": self.stage,
-            "seed": self.cfg.train.seed,
-        }
-        queue = engine.module.negatives_state()
-        client["negatives_queue"] = queue is not None
-        shared = {NEGATIVES_FILE: queue} if queue is not None else {}
-        stats = engine.module.similarity_state() if hasattr(engine.module, "similarity_state") else None
-        client["similarity_stats"] = stats is not None
-        if stats is not None:
-            shared[SIMILARITY_FILE] = stats
-        client["align_layer"] = getattr(engine.module, "align_layer", None)
+        client, shared = client_state(
+            engine.module,
+            step=step,
+            steps_per_epoch=plan.steps_per_epoch,
+            total_steps=plan.total_steps,
+            global_batch_size=self.cfg.train.global_batch_size,
+            world_size=self.dist.world_size,
+            stage=self.stage,
+            seed=self.cfg.train.seed,
+        )
         engine.save_checkpoint(self.ckpt_dir, f"step_{step}", client, shared=shared or None)
         if self.dist.is_main:
             prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
