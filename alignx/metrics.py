@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
+from alignx.dist import sum_over_ranks
 from alignx.objective import DIAG
 
 if TYPE_CHECKING:
@@ -197,9 +197,7 @@ class MetricWindow:
         extra = [self.micro, self.tokens, self.positions]
         vec = torch.tensor([self.sums[k] for k in keys] + extra, dtype=torch.float64)
         if info.world_size > 1:
-            vec = vec.to(info.device)
-            dist.all_reduce(vec)
-            vec = vec.cpu()
+            vec = sum_over_ranks(vec, info.device)
         values = vec.tolist()
         micro, tokens, positions = values[-3:]
         diag = self._reduce_diag(info)
@@ -229,8 +227,6 @@ class MetricWindow:
         keys = [DIAG + k for k in DIAG_KEYS]
         vec = torch.tensor([v for k in keys for v in self.diag.get(k, [0.0, 0.0])], dtype=torch.float64)
         if info.world_size > 1:
-            vec = vec.to(info.device)
-            dist.all_reduce(vec)
-            vec = vec.cpu()
+            vec = sum_over_ranks(vec, info.device)
         sums, counts = vec.view(-1, 2).unbind(1)
         return {k: float(s / c) for k, s, c in zip(keys, sums.tolist(), counts.tolist()) if c > 0}

@@ -73,12 +73,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import alignx.model
 from alignx.checkpoint_state import client_state, data_order_problem, restore_alignment, restore_negatives
 from alignx.config import Config, ConfigError, save_config
 from alignx.data import Collator, PackedCollator, batch_tokens, micro_batches, prepare_stage1, prepare_stage2
+from alignx.dist import all_gather_objects, any_rank, broadcast_from_rank0
 from alignx.engine import (
     DistInfo,
     Engine,
@@ -285,12 +285,11 @@ class Trainer:
                 result = fn()
             except Exception as e:  # re-raised below, after the other ranks know
                 error = e
-        msg = [f"{type(error).__name__}: {error}" if error is not None else None]
-        dist.broadcast_object_list(msg, src=0)
+        msg = broadcast_from_rank0(f"{type(error).__name__}: {error}" if error is not None else None)
         if error is not None:
             raise error
-        if msg[0] is not None:
-            raise TrainingError(f"rank 0 failed to prepare the data: {msg[0]}")
+        if msg is not None:
+            raise TrainingError(f"rank 0 failed to prepare the data: {msg}")
         return result if self.dist.is_main else fn()
 
     def _prepare_data(self, tokenizer: Any) -> Any:
@@ -369,9 +368,7 @@ class Trainer:
         result = choose_align_layer(engine.module.lm, chosen, engine.module.num_layers, tokenizer.bos_token_id)
         engine.train()
         if self.dist.world_size > 1:
-            box = [result]
-            dist.broadcast_object_list(box, src=0)
-            result = box[0]
+            result = broadcast_from_rank0(result)
         engine.module.set_align_layer(result["layer"])
         self._align_probe = result
         best = ", ".join(f"{k}: {result['scores'][k]:.3f}" for k in result["candidates"])
@@ -573,9 +570,7 @@ class Trainer:
         assert self.dist is not None
         if self.dist.world_size == 1:
             return sigterm.requested
-        flag = torch.tensor([1.0 if sigterm.requested else 0.0], device=self.dist.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(sigterm.requested, self.dist.device)
 
     @torch.no_grad()
     def _evaluate(self, engine: Engine, eval_ds: Any, collate: Any) -> dict[str, float]:
@@ -629,10 +624,8 @@ class Trainer:
     ) -> dict[str, Any]:
         """Gather per-rank facts, print the table and write ``summary.json`` (rank 0)."""
         assert self.dist is not None
-        per_rank = [None] * self.dist.world_size
-        dist.all_gather_object(per_rank, engine.optimizer_state_numel())
-        peaks = [None] * self.dist.world_size
-        dist.all_gather_object(peaks, _peak_memory(self.dist.device))
+        per_rank = all_gather_objects(engine.optimizer_state_numel())
+        peaks = all_gather_objects(_peak_memory(self.dist.device))
         train, evals = history["train"], history["eval"]
         speeds = [r["train/tokens_per_s"] for _, r in train if r.get("train/tokens_per_s")]
         summary: dict[str, Any] = {
