@@ -53,11 +53,15 @@ from torch import Tensor
 __all__ = [
     "GatherSizes",
     "NegativeQueue",
+    "all_gather_objects",
     "all_gather_rows",
+    "any_rank",
+    "broadcast_from_rank0",
     "gather_sizes",
     "global_mean_scale",
     "is_distributed",
     "rank_and_world",
+    "sum_over_ranks",
 ]
 
 
@@ -190,6 +194,38 @@ def global_mean_scale(sizes: GatherSizes, column: int = 0) -> float:
     """
     total = sizes.column_total(column)
     return sizes.world_size / total if total > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer's collectives: every rank calls each of them, in the same order
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a pickled broadcast)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a pickled all-gather)."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device | str) -> bool:
+    """Whether ``flag`` is set on any rank (a one-element all-reduce with MAX on ``device``)."""
+    vec = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(vec, op=dist.ReduceOp.MAX)
+    return bool(vec.item() > 0)
+
+
+def sum_over_ranks(vec: Tensor, device: torch.device | str) -> Tensor:
+    """``vec`` summed over the ranks (all-reduce on ``device``, in ``vec``'s dtype), back on the host."""
+    vec = vec.to(device)
+    dist.all_reduce(vec)
+    return vec.cpu()
 
 
 # ----------------------------------------------------------------------------------------------------------------

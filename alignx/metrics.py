@@ -18,6 +18,9 @@ A line is ``{"step": int, "time": unix seconds, "<split>/<name>": float, ...}``;
 
 After a resume, lines of steps later than the checkpoint (written by the interrupted run) are removed, so the file
 holds one value per step, as TensorBoard's ``purge_step`` does for the event files.
+
+:class:`MetricWindow` sums the model's terms over the micro-batches between two log lines and reduces them over the
+ranks into one such line.
 """
 
 from __future__ import annotations
@@ -27,11 +30,39 @@ import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["MetricsLogger", "format_table", "read_metrics"]
+import torch
+
+from alignx.dist import sum_over_ranks
+from alignx.objective import DIAG
+
+if TYPE_CHECKING:
+    from alignx.engine import DistInfo, Engine
+
+__all__ = ["DIAG_KEYS", "MetricWindow", "MetricsLogger", "format_table", "read_metrics"]
 
 JSONL = "metrics.jsonl"
+
+# Terms the model returns that are means per micro-batch (averaged) and counts (summed).
+MEAN_TERMS = ("loss", "ntp", "ctr", "lam")
+COUNT_TERMS = ("rows_kept", "rows_dropped")
+# The contrastive diagnostics the objective reports (alignx.objective.contrastive_diagnostics), logged as train/<key>.
+DIAG_KEYS = (
+    "top1",
+    "chance",
+    "nce_ratio",
+    "pos_sim",
+    "pos_sim_std",
+    "neg_sim",
+    "neg_sim_std",
+    "raw_cos",
+    "raw_cos_std",
+    "raw_top1",
+    "top_dims_share",
+    "same_lang_top",
+    "trained",
+)
 
 
 class MetricsLogger:
@@ -119,3 +150,83 @@ def format_table(rows: list[tuple[str, Any]], title: str | None = None) -> str:
     lines += [f"{k:<{width}} | {v}" for k, v in cells]
     lines.append(rule)
     return "\n".join(lines)
+
+
+class MetricWindow:
+    """Sums of the model's terms over the micro-batches since the last log, reduced over ranks on demand.
+
+    ``skip``: terms the objective does not have (plain NTP returns zeros for ``ctr`` and ``lam``; they are not
+    logged).
+    """
+
+    def __init__(self, skip: tuple[str, ...] = ()) -> None:
+        self.skip = skip
+        self.sums = dict.fromkeys(MEAN_TERMS + COUNT_TERMS, 0.0)
+        self.micro = 0
+        self.tokens = 0
+        self.positions = 0  # token slots processed (padding included)
+        self.steps = 0
+        self.candidates: list[int] = []  # contrastive candidates per anchor, last micro-batch of each step
+        self.lr: list[float] = []
+        self.grad_norm: list[float] = []
+        self.present: set[str] = set()
+        self.diag: dict[str, list[float]] = {}  # diag/... -> [sum, micro-batches that reported it]
+        self.last_loss = float("nan")
+        self.t0 = time.time()
+
+    def add(self, out: dict[str, torch.Tensor], tokens: int, positions: int | None = None) -> None:
+        for key in MEAN_TERMS + COUNT_TERMS:
+            if key in out and key not in self.skip:
+                self.sums[key] += float(out[key].detach().float().item())
+                self.present.add(key)
+        self.last_loss = float(out["loss"].detach().float().item())
+        self.micro += 1
+        self.tokens += tokens
+        self.positions += tokens if positions is None else positions
+
+    def add_diagnostics(self, diag: dict[str, torch.Tensor]) -> None:
+        """The contrastive diagnostics of one micro-batch (``diag/...``; none when it kept no row)."""
+        for key, value in diag.items():
+            acc = self.diag.setdefault(key, [0.0, 0.0])
+            acc[0] += float(value)
+            acc[1] += 1.0
+
+    def reduce(self, info: DistInfo, engine: Engine | None, prefix: str = "train") -> dict[str, float]:
+        """Means over all ranks' micro-batches (sums for counts); resets the window."""
+        keys = MEAN_TERMS + COUNT_TERMS
+        extra = [self.micro, self.tokens, self.positions]
+        vec = torch.tensor([self.sums[k] for k in keys] + extra, dtype=torch.float64)
+        if info.world_size > 1:
+            vec = sum_over_ranks(vec, info.device)
+        values = vec.tolist()
+        micro, tokens, positions = values[-3:]
+        diag = self._reduce_diag(info)
+        elapsed = max(time.time() - self.t0, 1e-9)
+        row = {}
+        for k, v in zip(keys, values):
+            if k in self.present:
+                row[f"{prefix}/{k}"] = v / max(micro, 1) if k in MEAN_TERMS else v
+        row[f"{prefix}/tokens_per_s"] = tokens / elapsed
+        if self.steps > 0:
+            row[f"{prefix}/positions_per_step"] = positions / self.steps
+            row[f"{prefix}/padding_fraction"] = 1.0 - tokens / max(positions, 1.0)
+        row.update({f"{prefix}/{k.removeprefix(DIAG)}": v for k, v in diag.items()})
+        if self.candidates and self.candidates[-1] > 0:  # global modes: the same on every rank
+            row[f"{prefix}/candidates"] = float(self.candidates[-1])
+        if engine is not None:
+            if self.lr:
+                row[f"{prefix}/lr"] = self.lr[-1]
+            if self.grad_norm:
+                row[f"{prefix}/grad_norm"] = self.grad_norm[-1]
+        self.__init__(self.skip)
+        return row
+
+    def _reduce_diag(self, info: DistInfo) -> dict[str, float]:
+        """Means of the diagnostics over the micro-batches (of all ranks) that reported them. Every rank reduces
+        the same fixed key list (a rank without a kept row reports none), so the collective always matches."""
+        keys = [DIAG + k for k in DIAG_KEYS]
+        vec = torch.tensor([v for k in keys for v in self.diag.get(k, [0.0, 0.0])], dtype=torch.float64)
+        if info.world_size > 1:
+            vec = sum_over_ranks(vec, info.device)
+        sums, counts = vec.view(-1, 2).unbind(1)
+        return {k: float(s / c) for k, s, c in zip(keys, sums.tolist(), counts.tolist()) if c > 0}

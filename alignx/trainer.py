@@ -73,11 +73,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import alignx.model
+from alignx.checkpoint_state import client_state, data_order_problem, restore_alignment, restore_negatives
 from alignx.config import Config, ConfigError, save_config
 from alignx.data import Collator, PackedCollator, batch_tokens, micro_batches, prepare_stage1, prepare_stage2
+from alignx.dist import all_gather_objects, any_rank, broadcast_from_rank0
 from alignx.engine import (
     DistInfo,
     Engine,
@@ -90,37 +91,15 @@ from alignx.engine import (
 )
 from alignx.layer_select import choose_align_layer
 from alignx.layout import export_dir, stage_dir
-from alignx.metrics import MetricsLogger, format_table
+from alignx.metrics import MetricsLogger, MetricWindow, format_table
 from alignx.model import AlignXModel
 from alignx.monitor import InertAlignmentMonitor
-from alignx.objective import DIAG
 from alignx.recipes import data_hooks
 from alignx.similarity import build_space
 
 __all__ = ["RunResult", "Trainer", "TrainingError"]
 
-# Terms the model returns that are means per micro-batch (averaged) and counts (summed).
-MEAN_TERMS = ("loss", "ntp", "ctr", "lam")
-COUNT_TERMS = ("rows_kept", "rows_dropped")
 ROW_COLUMNS = ["input_ids", "labels", "span_ids", "src_lang", "tgt_lang"]
-NEGATIVES_FILE = "negatives_queue"  # <checkpoint>/negatives_queue.pt, written once (identical on every rank)
-SIMILARITY_FILE = "similarity_stats"  # <checkpoint>/similarity_stats.pt: running statistics of the similarity space
-# The contrastive diagnostics the objective reports (alignx.objective.contrastive_diagnostics), logged as train/<key>.
-DIAG_KEYS = (
-    "top1",
-    "chance",
-    "nce_ratio",
-    "pos_sim",
-    "pos_sim_std",
-    "neg_sim",
-    "neg_sim_std",
-    "raw_cos",
-    "raw_cos_std",
-    "raw_top1",
-    "top_dims_share",
-    "same_lang_top",
-    "trained",
-)
 
 
 class TrainingError(RuntimeError):
@@ -306,12 +285,11 @@ class Trainer:
                 result = fn()
             except Exception as e:  # re-raised below, after the other ranks know
                 error = e
-        msg = [f"{type(error).__name__}: {error}" if error is not None else None]
-        dist.broadcast_object_list(msg, src=0)
+        msg = broadcast_from_rank0(f"{type(error).__name__}: {error}" if error is not None else None)
         if error is not None:
             raise error
-        if msg[0] is not None:
-            raise TrainingError(f"rank 0 failed to prepare the data: {msg[0]}")
+        if msg is not None:
+            raise TrainingError(f"rank 0 failed to prepare the data: {msg}")
         return result if self.dist.is_main else fn()
 
     def _prepare_data(self, tokenizer: Any) -> Any:
@@ -390,9 +368,7 @@ class Trainer:
         result = choose_align_layer(engine.module.lm, chosen, engine.module.num_layers, tokenizer.bos_token_id)
         engine.train()
         if self.dist.world_size > 1:
-            box = [result]
-            dist.broadcast_object_list(box, src=0)
-            result = box[0]
+            result = broadcast_from_rank0(result)
         engine.module.set_align_layer(result["layer"])
         self._align_probe = result
         best = ", ".join(f"{k}: {result['scores'][k]:.3f}" for k in result["candidates"])
@@ -415,46 +391,20 @@ class Trainer:
             return 0
         root, name = (Path(tag).parent, Path(tag).name) if Path(tag).is_absolute() else (self.ckpt_dir, tag)
         client = engine.load_checkpoint(root, name)
-        expected = {"global_batch_size": self.cfg.train.global_batch_size, "steps_per_epoch": plan.steps_per_epoch}
-        for key, value in expected.items():
-            if client.get(key) != value:
-                raise TrainingError(
-                    f"checkpoint {root / name} was written with {key}={client.get(key)}, this run has {value}: "
-                    "the data order would not continue (same data and global batch are needed to resume)"
-                )
+        where = root / name
+        batch = self.cfg.train.global_batch_size
+        problem = data_order_problem(client, where, global_batch_size=batch, steps_per_epoch=plan.steps_per_epoch)
+        if problem is not None:
+            raise TrainingError(problem)
         step = int(client["step"])
-        if client.get("negatives_queue"):
-            engine.module.load_negatives_state(engine.load_shared(root, name, NEGATIVES_FILE), engine.device)
-        elif engine.module.negatives_state() is not None:
-            raise TrainingError(
-                f"checkpoint {root / name} holds no negatives queue but this run uses objective.negatives="
-                f"{self.cfg.objective.negatives!r}; resume with the checkpoint's objective settings"
-            )
-        self._resume_alignment(engine, client, root / name)
+        obj = self.cfg.objective
+        problem = restore_negatives(engine, client, root, name, obj.negatives) or restore_alignment(
+            engine, client, where, similarity=obj.similarity, align_layer=self.cfg.model.align_layer
+        )
+        if problem is not None:
+            raise TrainingError(problem)
         self._say(f"[train] stage {self.stage}: resumed from {root / name} at step {step}")
         return step
-
-    def _resume_alignment(self, engine: Engine, client: dict[str, Any], where: Path) -> None:
-        """The similarity space's running statistics and the aligned layer of the checkpoint."""
-        module = engine.module
-        if not hasattr(module, "similarity_state"):
-            return
-        if client.get("similarity_stats"):
-            module.load_similarity_state(engine.load_shared(where.parent, where.name, SIMILARITY_FILE))
-        elif module.similarity_state() is not None:
-            raise TrainingError(
-                f"checkpoint {where} holds no similarity statistics but this run uses objective.similarity="
-                f"{self.cfg.objective.similarity!r}; resume with the checkpoint's objective settings"
-            )
-        layer = client.get("align_layer")
-        if layer is None or module.lang_head is None or int(layer) == module.align_layer:
-            return
-        if self.cfg.model.align_layer != "auto":
-            raise TrainingError(
-                f"checkpoint {where} aligned layer {layer}, this run has model.align_layer={module.align_layer}; "
-                "resume with the checkpoint's layer (or model.align_layer=auto)"
-            )
-        module.set_align_layer(int(layer))
 
     # ------------------------------------------------------------------------------------------------------------
     # The loop
@@ -512,7 +462,7 @@ class Trainer:
         self._order_rows = data.train
         self._direction_strata = self._strata(data.train) if self.stage == 1 else None
         epoch_batches: tuple[int, list[list[int]]] | None = None
-        window = _Window(self._unused_terms())
+        window = MetricWindow(self._unused_terms())
         history: dict[str, Any] = {"interrupted": False, "step": start, "train": [], "eval": [], "start": start}
         engine.train()
         self._bar = tqdm(
@@ -572,7 +522,7 @@ class Trainer:
         return history
 
     def _train_step(
-        self, engine: Engine, train: Any, micro: list[list[int]], collate: Any, window: _Window, step: int
+        self, engine: Engine, train: Any, micro: list[list[int]], collate: Any, window: MetricWindow, step: int
     ) -> None:
         """``grad_accum`` micro-batches: forward, backward, and the optimizer step at the last one."""
         for idx in micro:
@@ -600,7 +550,7 @@ class Trainer:
             return self.recipe.unused_terms
         return ("ctr", "lam") if self.cfg.objective.kind == "ntp" else ()
 
-    def _check_finite(self, engine: Engine, window: _Window, step: int) -> None:
+    def _check_finite(self, engine: Engine, window: MetricWindow, step: int) -> None:
         """Stop on a non-finite gradient norm (the same value on every rank, so all ranks stop together).
 
         fp16 is exempt: an overflow there is expected and the loss scaler skips the step.
@@ -620,9 +570,7 @@ class Trainer:
         assert self.dist is not None
         if self.dist.world_size == 1:
             return sigterm.requested
-        flag = torch.tensor([1.0 if sigterm.requested else 0.0], device=self.dist.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(sigterm.requested, self.dist.device)
 
     @torch.no_grad()
     def _evaluate(self, engine: Engine, eval_ds: Any, collate: Any) -> dict[str, float]:
@@ -639,7 +587,7 @@ class Trainer:
             group_by_length=False,
             drop_last=False,
         )
-        window = _Window(self._unused_terms())
+        window = MetricWindow(self._unused_terms())
         engine.eval()
         for idx in batches:
             cols = ds[idx]
@@ -654,24 +602,16 @@ class Trainer:
 
     def _checkpoint(self, engine: Engine, plan: Plan, step: int) -> None:
         assert self.dist is not None
-        client = {
-            "step": step,
-            "epoch": step // plan.steps_per_epoch,
-            "steps_per_epoch": plan.steps_per_epoch,
-            "total_steps": plan.total_steps,
-            "global_batch_size": self.cfg.train.global_batch_size,
-            "world_size": self.dist.world_size,
-            "stage": self.stage,
-            "seed": self.cfg.train.seed,
-        }
-        queue = engine.module.negatives_state()
-        client["negatives_queue"] = queue is not None
-        shared = {NEGATIVES_FILE: queue} if queue is not None else {}
-        stats = engine.module.similarity_state() if hasattr(engine.module, "similarity_state") else None
-        client["similarity_stats"] = stats is not None
-        if stats is not None:
-            shared[SIMILARITY_FILE] = stats
-        client["align_layer"] = getattr(engine.module, "align_layer", None)
+        client, shared = client_state(
+            engine.module,
+            step=step,
+            steps_per_epoch=plan.steps_per_epoch,
+            total_steps=plan.total_steps,
+            global_batch_size=self.cfg.train.global_batch_size,
+            world_size=self.dist.world_size,
+            stage=self.stage,
+            seed=self.cfg.train.seed,
+        )
         engine.save_checkpoint(self.ckpt_dir, f"step_{step}", client, shared=shared or None)
         if self.dist.is_main:
             prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
@@ -684,10 +624,8 @@ class Trainer:
     ) -> dict[str, Any]:
         """Gather per-rank facts, print the table and write ``summary.json`` (rank 0)."""
         assert self.dist is not None
-        per_rank = [None] * self.dist.world_size
-        dist.all_gather_object(per_rank, engine.optimizer_state_numel())
-        peaks = [None] * self.dist.world_size
-        dist.all_gather_object(peaks, _peak_memory(self.dist.device))
+        per_rank = all_gather_objects(engine.optimizer_state_numel())
+        peaks = all_gather_objects(_peak_memory(self.dist.device))
         train, evals = history["train"], history["eval"]
         speeds = [r["train/tokens_per_s"] for _, r in train if r.get("train/tokens_per_s")]
         summary: dict[str, Any] = {
@@ -746,87 +684,3 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     except OSError:
         pass
     return -1, "unavailable"
-
-
-class _Window:
-    """Sums of the model's terms over the micro-batches since the last log, reduced over ranks on demand.
-
-    ``skip``: terms the objective does not have (plain NTP returns zeros for ``ctr`` and ``lam``; they are not
-    logged).
-    """
-
-    def __init__(self, skip: tuple[str, ...] = ()) -> None:
-        self.skip = skip
-        self.sums = dict.fromkeys(MEAN_TERMS + COUNT_TERMS, 0.0)
-        self.micro = 0
-        self.tokens = 0
-        self.positions = 0  # token slots processed (padding included)
-        self.steps = 0
-        self.candidates: list[int] = []  # contrastive candidates per anchor, last micro-batch of each step
-        self.lr: list[float] = []
-        self.grad_norm: list[float] = []
-        self.present: set[str] = set()
-        self.diag: dict[str, list[float]] = {}  # diag/... -> [sum, micro-batches that reported it]
-        self.last_loss = float("nan")
-        self.t0 = time.time()
-
-    def add(self, out: dict[str, torch.Tensor], tokens: int, positions: int | None = None) -> None:
-        for key in MEAN_TERMS + COUNT_TERMS:
-            if key in out and key not in self.skip:
-                self.sums[key] += float(out[key].detach().float().item())
-                self.present.add(key)
-        self.last_loss = float(out["loss"].detach().float().item())
-        self.micro += 1
-        self.tokens += tokens
-        self.positions += tokens if positions is None else positions
-
-    def add_diagnostics(self, diag: dict[str, torch.Tensor]) -> None:
-        """The contrastive diagnostics of one micro-batch (``diag/...``; none when it kept no row)."""
-        for key, value in diag.items():
-            acc = self.diag.setdefault(key, [0.0, 0.0])
-            acc[0] += float(value)
-            acc[1] += 1.0
-
-    def reduce(self, info: DistInfo, engine: Engine | None, prefix: str = "train") -> dict[str, float]:
-        """Means over all ranks' micro-batches (sums for counts); resets the window."""
-        keys = MEAN_TERMS + COUNT_TERMS
-        extra = [self.micro, self.tokens, self.positions]
-        vec = torch.tensor([self.sums[k] for k in keys] + extra, dtype=torch.float64)
-        if info.world_size > 1:
-            vec = vec.to(info.device)
-            dist.all_reduce(vec)
-            vec = vec.cpu()
-        values = vec.tolist()
-        micro, tokens, positions = values[-3:]
-        diag = self._reduce_diag(info)
-        elapsed = max(time.time() - self.t0, 1e-9)
-        row = {}
-        for k, v in zip(keys, values):
-            if k in self.present:
-                row[f"{prefix}/{k}"] = v / max(micro, 1) if k in MEAN_TERMS else v
-        row[f"{prefix}/tokens_per_s"] = tokens / elapsed
-        if self.steps > 0:
-            row[f"{prefix}/positions_per_step"] = positions / self.steps
-            row[f"{prefix}/padding_fraction"] = 1.0 - tokens / max(positions, 1.0)
-        row.update({f"{prefix}/{k.removeprefix(DIAG)}": v for k, v in diag.items()})
-        if self.candidates and self.candidates[-1] > 0:  # global modes: the same on every rank
-            row[f"{prefix}/candidates"] = float(self.candidates[-1])
-        if engine is not None:
-            if self.lr:
-                row[f"{prefix}/lr"] = self.lr[-1]
-            if self.grad_norm:
-                row[f"{prefix}/grad_norm"] = self.grad_norm[-1]
-        self.__init__(self.skip)
-        return row
-
-    def _reduce_diag(self, info: DistInfo) -> dict[str, float]:
-        """Means of the diagnostics over the micro-batches (of all ranks) that reported them. Every rank reduces
-        the same fixed key list (a rank without a kept row reports none), so the collective always matches."""
-        keys = [DIAG + k for k in DIAG_KEYS]
-        vec = torch.tensor([v for k in keys for v in self.diag.get(k, [0.0, 0.0])], dtype=torch.float64)
-        if info.world_size > 1:
-            vec = vec.to(info.device)
-            dist.all_reduce(vec)
-            vec = vec.cpu()
-        sums, counts = vec.view(-1, 2).unbind(1)
-        return {k: float(s / c) for k, s, c in zip(keys, sums.tolist(), counts.tolist()) if c > 0}
