@@ -208,5 +208,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return USAGE_ERROR
 
 
+def drop_repo_root_from_path() -> None:
+    """Keep the repository's ``kernels/`` from becoming importable as a top-level ``kernels`` module.
+
+    ``python -m alignx.cli`` from the repository root puts the root on ``sys.path``; Hugging Face ``transformers``
+    probes for its own ``kernels`` package by name and would import ours. The code runs from the installed
+    ``alignx`` package (its ops are ``alignx.kernels``), so the root entry is not needed.
+    """
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+
+
 if __name__ == "__main__":
+    drop_repo_root_from_path()
     sys.exit(main())

@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ..constants import IGNORE_INDEX
+from alignx.constants import IGNORE_INDEX
+
 from ._common import (
     AOTSpec,
     check_float,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..constants import IGNORE_INDEX
+from alignx.constants import IGNORE_INDEX
 
 __all__ = [
     "span_mean_pool_ref",

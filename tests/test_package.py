@@ -37,3 +37,28 @@ def test_train_py_does_not_shadow_kernels() -> None:
         check=True,
     )
     assert bare.stdout.strip().startswith(str(REPO))
+
+
+def test_cli_module_from_repo_root_does_not_shadow_kernels() -> None:
+    """``python -m alignx.cli`` (how ``make demo`` runs) from the repository root drops the root from sys.path."""
+    probe = (
+        "import runpy, sys, importlib.util as u\n"
+        "sys.argv = ['alignx', 'help']\n"
+        "try:\n    runpy.run_module('alignx.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "s = u.find_spec('kernels'); print(s.origin if s else None)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    origin = out.stdout.strip().splitlines()[-1]
+    assert origin == "None" or not origin.startswith(str(REPO)), origin
+
+
+def test_transformers_probe_of_kernels_from_repo_root() -> None:
+    """Even where the root is on sys.path, transformers' probe for its ``kernels`` package must not fail on ours.
+
+    transformers imports any ``kernels`` it finds without a version; ours must import cleanly as a top-level
+    module (no relative import beyond it) and must not pass for the Hugging Face package.
+    """
+    probe = "from transformers.utils.import_utils import is_kernels_available as f; print(f())"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
