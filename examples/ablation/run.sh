@@ -24,6 +24,7 @@ declare -A FLAGS=(
   [whiten_pl_dir_auto_response]="--similarity whiten --per-language --batching direction --align-layer auto --labels response"
   [whiten_pl_dir_auto_80steps]="--similarity whiten --per-language --batching direction --align-layer auto --steps 80"
   [whiten_pl_dir_auto_lr6e-5]="--similarity whiten --per-language --batching direction --align-layer auto --lr 6e-5"
+  [whiten_pl_dir_auto_lr8e-5]="--similarity whiten --per-language --batching direction --align-layer auto --lr 8e-5"
   [whiten_pl_dir_auto_queue]="--similarity whiten --per-language --batching direction --align-layer auto --set objective.negatives=global+queue --set objective.queue_size=256"
 )
 variants=("$@")
