@@ -20,6 +20,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from alignx.constants import DEFAULT_INSTRUCTION
+from alignx.errors import ConfigError
+from alignx.recipes import KINDS
 
 __all__ = [
     "Config",
@@ -40,8 +42,8 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported before any model or data is loaded."""
+ObjectiveKind = Literal[KINDS]  # type: ignore[valid-type]
+"""``objective.kind``: one of the kinds of the recipe registry (:data:`alignx.recipes.KINDS`)."""
 
 
 def doc(default: Any, text: str) -> Any:
@@ -135,7 +137,7 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: Literal["alignx", "ntp", "afp", "clmap"] = doc(
+    kind: ObjectiveKind = doc(
         "alignx", "alignx = NTP + contrastive + language matching; ntp = language modelling only."
     )
     temperature: float = doc(0.1, "InfoNCE temperature tau (reference: 0.1).")

@@ -43,27 +43,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .config import ConfigError, ObjectiveConfig
 from .constants import IGNORE_INDEX, SOURCE_SPAN, TARGET_SPAN
 from .dist import NegativeQueue, all_gather_rows, gather_sizes, global_mean_scale, is_distributed
+from .errors import ConfigError
 from .similarity import SimilaritySpace, build_space
+
+if TYPE_CHECKING:
+    from .config import ObjectiveConfig
 
 __all__ = [
     "IGNORE_INDEX",
     "SOURCE_SPAN",
     "TARGET_SPAN",
-    "RECIPE_OBJECTIVES",
     "AlignXObjective",
     "Candidates",
     "HeadInputs",
     "NTPInput",
-    "build_objective",
     "contrastive_diagnostics",
     "kernel_op",
     "lm_loss_sum",
@@ -742,25 +743,3 @@ def _need(batch: Mapping[str, Tensor], key: str) -> Tensor:
     if value is None:
         raise ValueError(f"the batch has no {key!r} (keys: {sorted(batch)})")
     return value
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# objective.kind -> objective class
-
-RECIPE_OBJECTIVES: dict[str, str] = {
-    "afp": "alignx.recipes.afp:AFPObjective",
-    "clmap": "alignx.recipes.clmap:CLMapObjective",
-}
-"""Objective classes of the recipes (``alignx.recipes``), as ``module:Class``; ``alignx`` and ``ntp`` are
-:class:`AlignXObjective`. Imported on use, so this module imports no recipe."""
-
-
-def build_objective(cfg: ObjectiveConfig, *, min_target_tokens: int = 3) -> AlignXObjective:
-    """The objective of ``cfg.kind``: :class:`AlignXObjective` or the recipe's subclass (:data:`RECIPE_OBJECTIVES`)."""
-    import importlib
-
-    target = RECIPE_OBJECTIVES.get(cfg.kind)
-    if target is None:
-        return AlignXObjective(cfg, min_target_tokens=min_target_tokens)
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)(cfg, min_target_tokens=min_target_tokens)

@@ -43,13 +43,16 @@ value once the positives win — and the logged spread of positive and negative 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .config import ConfigError, ObjectiveConfig
 from .dist import gather_sizes, is_distributed, rank_and_world
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import ObjectiveConfig
 
 __all__ = ["SPACES", "RunningMoments", "SimilaritySpace", "build_space"]
 

@@ -50,16 +50,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from alignx.config import ConfigError
 from alignx.constants import SOURCE_SPAN as SOURCE
 from alignx.constants import TARGET_SPAN as TARGET
 from alignx.data import Collator
+from alignx.decoder import find_decoder_parts, first_output, layer_module
 from alignx.dist import all_gather_rows, gather_sizes, global_mean_scale, is_distributed
+from alignx.errors import ConfigError
 from alignx.languages import lang_id, lang_name
-from alignx.model import find_decoder_parts
 from alignx.objective import AlignXObjective, NTPInput, kernel_op, lm_loss_sum
+from alignx.recipes.base import Recipe
 from alignx.recipes.data import Segment, SegmentTokenizer, labels_for, prepare_records
-from alignx.recipes.hooks import DataHooks
 
 if TYPE_CHECKING:
     from torch import nn
@@ -69,8 +69,8 @@ if TYPE_CHECKING:
     from alignx.data.sources import Unit
 
 __all__ = [
+    "RECIPE",
     "CLM_WEIGHT",
-    "DATA_HOOKS",
     "DROP_REASONS",
     "AFPCollator",
     "AFPObjective",
@@ -254,9 +254,6 @@ def _collator(tokenizer: Any, cfg: Config) -> AFPCollator:
     return AFPCollator(tokenizer, cfg)
 
 
-DATA_HOOKS = DataHooks(prepare=prepare, extra_columns=PAIR_COLUMNS, collator=_collator, unused_terms=("lam",))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The objective
 
@@ -265,15 +262,11 @@ def encode_layer(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, layer
     """``[B, T, D]`` output of decoder block ``layer`` (1-based, HF ``hidden_states[layer]``; ``layer = N`` is the
     final-norm output) for a separate forward of the decoder body on ``input_ids`` (no LM head: its logits are not
     needed). The state is captured by a forward hook that exists only during this call."""
-    layers, norm = find_decoder_parts(lm)
-    n = len(layers)
-    if not 1 <= layer <= n:
-        raise ValueError(f"layer={layer} is outside 1..{n}")
-    module = layers[layer - 1] if layer < n else norm
+    module = layer_module(*find_decoder_parts(lm), layer)
     captured: dict[str, Tensor] = {}
 
     def keep(mod: nn.Module, args: Any, output: Any) -> None:
-        captured.setdefault("h", output[0] if isinstance(output, (tuple, list)) else output)
+        captured.setdefault("h", first_output(output))
 
     body = lm.get_decoder() if callable(getattr(lm, "get_decoder", None)) else None
     handle = module.register_forward_hook(keep)
@@ -475,3 +468,17 @@ def build_records(
             )
     rng.shuffle(out)
     return out
+
+
+RECIPE = Recipe(
+    "afp",
+    "AFP: InfoNCE on separately encoded pairs (tau 0.05) + 1.5 x CLM on cross-lingual instructions, then SFT",
+    "Li et al., NAACL 2024 (arXiv 2311.08089)",
+    kind="afp",
+    stage1="afp",
+    objective=AFPObjective,
+    prepare=prepare,
+    collator=_collator,
+    extra_columns=PAIR_COLUMNS,
+    unused_terms=("lam",),
+)
