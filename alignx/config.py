@@ -22,6 +22,7 @@ import yaml
 from alignx.constants import DEFAULT_INSTRUCTION
 from alignx.errors import ConfigError
 from alignx.recipes import KINDS
+from alignx.similarity import SPACES
 
 __all__ = [
     "Config",
@@ -44,6 +45,8 @@ __all__ = [
 
 ObjectiveKind = Literal[KINDS]  # type: ignore[valid-type]
 """``objective.kind``: one of the kinds of the recipe registry (:data:`alignx.recipes.KINDS`)."""
+SimilarityName = Literal[tuple(SPACES)]  # type: ignore[valid-type]
+"""``objective.similarity``: one of the spaces of the registry (:data:`alignx.similarity.SPACES`)."""
 
 
 def doc(default: Any, text: str) -> Any:
@@ -154,7 +157,7 @@ class ObjectiveConfig:
         "Legacy spelling of similarity=center: subtract the mean of the micro-batch's pooled states (with "
         "negatives='global' the gathered ones) before the contrastive cosine. 'none' = reference.",
     )
-    similarity: Literal["cosine", "center", "standardize", "whiten"] = doc(
+    similarity: SimilarityName = doc(
         "cosine",
         "Space of the contrastive cosine (alignx/similarity.py, docs/alignment.md): cosine = raw pooled states "
         "(reference); center = minus the step's batch mean (= center: batch); standardize = per-dimension running "
