@@ -512,39 +512,20 @@ class AlignXModel(nn.Module):
         """
         extra: dict[str, Any] = {}
         if cu_seqlens is not None:
-            if position_ids is None:
-                raise ValueError("a packed batch (cu_seqlens) needs position_ids restarting at 0 for every record")
-            if input_ids.shape[0] != 1:
-                raise ValueError(f"a packed batch is one row [1, total], got input_ids {tuple(input_ids.shape)}")
-            if attention_mask is not None and not bool(attention_mask.all()):
-                raise ValueError("a packed batch has no padding: pass attention_mask=None (or all ones)")
-            starts = cu_seqlens[:-1].long()
-            if bool((position_ids.reshape(-1)[starts[starts < input_ids.shape[1]]] != 0).any()):
-                raise ValueError("position_ids must be 0 at every record start cu_seqlens[i] of a packed batch")
+            _check_packed(input_ids, attention_mask, position_ids, cu_seqlens)
             # transformers detects packing from the position ids only when the 2D mask is None.
             attention_mask = None
             extra = self._packed_attention_kwargs(cu_seqlens)
         self._capture.start(self.lang_head is not None)
         try:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
             if fused and self._body and self.lm_loss is not None:
-                out = self._body[0](
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                    **extra,
-                )
+                out = self._body[0](**inputs, use_cache=False, **extra)
                 hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
                 logits: Any = HeadInputs(hidden, self.lm_loss)
             else:
-                out = self.lm(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                    **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
-                    **extra,
-                )
+                keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+                out = self.lm(**inputs, use_cache=False, **keep, **extra)
                 logits = out.logits if hasattr(out, "logits") else out[0]
         finally:
             captured = self._capture.stop()
@@ -621,6 +602,21 @@ class AlignXModel(nn.Module):
 
     def load_negatives_state(self, state: dict[str, Any] | None, device: torch.device | str | None = None) -> None:
         self.objective.load_negatives_state(state, device)
+
+
+def _check_packed(
+    input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cu_seqlens: Tensor
+) -> None:
+    """A packed batch is one row ``[1, total]`` without padding, positions restarting at 0 at every record."""
+    if position_ids is None:
+        raise ValueError("a packed batch (cu_seqlens) needs position_ids restarting at 0 for every record")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"a packed batch is one row [1, total], got input_ids {tuple(input_ids.shape)}")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("a packed batch has no padding: pass attention_mask=None (or all ones)")
+    starts = cu_seqlens[:-1].long()
+    if bool((position_ids.reshape(-1)[starts[starts < input_ids.shape[1]]] != 0).any()):
+        raise ValueError("position_ids must be 0 at every record start cu_seqlens[i] of a packed batch")
 
 
 def _enable_gradient_checkpointing(lm: nn.Module) -> None:

@@ -586,7 +586,8 @@ class AlignXObjective:
         sizes: GatherSizes,
         train_dtype: torch.dtype,
     ) -> Tensor:
-        """``ctr_scale * (W / N) * sum over local anchors of InfoNCE`` against ``[gathered; queued]`` candidates.
+        """``ctr_scale * (W / N) * sum over local anchors of InfoNCE`` against ``[gathered; queued]`` candidates: the
+        contrastive term of every ``objective.negatives`` mode.
 
         ``h_src, h_tgt [N_r, D]`` local kept rows; ``x_all, y_all [N, D]`` gathered (this rank's rows at
         ``sizes.offset``); ``langs [N, 2]`` their (source, target) languages. Anchor b's positive is candidate
@@ -617,18 +618,8 @@ class AlignXObjective:
         for i, (anchors, anchor_langs, live, queue, live_langs) in enumerate(directions):
             if n_total >= 1 and n_total + n_queued > 1:
                 z_anchors = space(anchors, anchor_langs, both)
-                if queue is None:
-                    cand = self.gather_candidates(space(live, live_langs, both))
-                    if n_local != n_total:  # the anchors are this rank's rows of the gathered set
-                        cand = cand._replace(positive_index=cand.positive_index[positive])
-                else:
-                    # The queue holds raw rows: the whole [live; queued] set is mapped with this step's statistics
-                    # (a no-op view for the reference cosine). The queued rows get no gradient from the kernel,
-                    # so with ``center`` the batch mean gets none through them either.
-                    queue.ensure(live.shape[1], train_dtype, live.device, live_rows=n_total)
-                    raw = queue.candidates(live)
-                    cand_langs = torch.cat([live_langs, queue.slot_langs()])
-                    cand = Candidates(space(raw, cand_langs, both).to(train_dtype), positive, n_total)
+                cand = self._candidates(live, live_langs, queue, both, positive, train_dtype)
+                if queue is not None:
                     z_anchors = z_anchors.to(train_dtype)
                 if i == 0 and n_local > 0:
                     live_z = cand.embeddings[:n_total]
@@ -642,6 +633,32 @@ class AlignXObjective:
             if queue is not None and torch.is_grad_enabled():
                 queue.stage(live.detach(), live_langs)
         return self.cfg.ctr_scale * (total / len(directions))
+
+    def _candidates(
+        self,
+        live: Tensor,
+        live_langs: Tensor | None,
+        queue: NegativeQueue | None,
+        both: Tensor,
+        positive: Tensor,
+        train_dtype: torch.dtype,
+    ) -> Candidates:
+        """One direction's candidates: the live rows ``[N, D]`` (all ranks') mapped into the similarity space through
+        :meth:`gather_candidates`, then the queue's rows of earlier steps (no gradient) if there is a queue.
+        ``positive [N_r]``: the candidate of each local anchor."""
+        if queue is None:
+            cand = self.gather_candidates(self.space(live, live_langs, both))
+            if positive.numel() != live.shape[0]:  # the anchors are this rank's rows of the gathered set
+                cand = cand._replace(positive_index=cand.positive_index[positive])
+            return cand
+        # The queue holds raw rows: the whole [live; queued] set is mapped with this step's statistics (a no-op view
+        # for the reference cosine). The queued rows get no gradient from the kernel, so with ``center`` the batch
+        # mean gets none through them either.
+        n_total = live.shape[0]
+        queue.ensure(live.shape[1], train_dtype, live.device, live_rows=n_total)
+        raw = queue.candidates(live)
+        cand_langs = torch.cat([live_langs, queue.slot_langs()])
+        return Candidates(self.space(raw, cand_langs, both).to(train_dtype), positive, n_total)
 
     def end_step(self, step: int = -1) -> int:
         """After an optimizer step (every rank): append the rows staged by its forwards to the queues and to the

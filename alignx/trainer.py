@@ -452,13 +452,9 @@ class Trainer:
         history: dict[str, Any] = {"interrupted": False, "step": start, "train": [], "eval": [], "start": start}
         engine.train()
         self._bar = tqdm(
-            total=plan.total_steps,
-            initial=start,
-            desc=f"stage {self.stage}",
-            unit="step",
-            disable=not self.dist.is_main,
-            dynamic_ncols=True,
-        )
+            total=plan.total_steps, initial=start, desc=f"stage {self.stage}", unit="step",
+            disable=not self.dist.is_main, dynamic_ncols=True,
+        )  # fmt: skip
         t0 = time.time()
         try:
             for step in range(start, plan.total_steps):
@@ -474,15 +470,7 @@ class Trainer:
                 self._bar.update(1)
 
                 if done % t.log_every == 0 or done == plan.total_steps:
-                    steps_logged = window.steps
-                    row = window.reduce(self.dist, engine)
-                    warning = self._monitor.update(row, steps_logged)
-                    if warning is not None:
-                        row["train/inert_warning"] = 1.0
-                        self._say(warning)
-                    metrics.log(done, row)
-                    history["train"].append((done, row))
-                    self._bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}")
+                    history["train"].append((done, self._log_window(window, engine, metrics, done)))
                 paused = time.time()  # evaluation and checkpoints do not count in tokens/s
                 if (
                     data.eval is not None
@@ -493,19 +481,39 @@ class Trainer:
                     metrics.log(done, row)
                     history["eval"].append((done, row))
                     self._say(f"[eval] stage {self.stage} step {done}: loss {row['eval/loss']:.4f}")
-                if self._stop_requested(sigterm):
-                    self._checkpoint(engine, plan, done)
-                    self._say(f"[train] SIGTERM: checkpoint written at step {done}; continue with --resume auto")
-                    history["interrupted"] = True
+                history["interrupted"] = self._save_or_stop(engine, plan, done, sigterm)
+                if history["interrupted"]:
                     break
-                if done == plan.total_steps or (t.save_every > 0 and done % t.save_every == 0):
-                    self._checkpoint(engine, plan, done)
                 window.t0 += time.time() - paused
         finally:
             self._bar.close()
             self._bar = None
         history["seconds"] = time.time() - t0
         return history
+
+    def _save_or_stop(self, engine: Engine, plan: Plan, done: int, sigterm: _Sigterm) -> bool:
+        """Checkpoint where ``train.save_every`` and the last step ask for one, or at once on SIGTERM; True = stop."""
+        if self._stop_requested(sigterm):
+            self._checkpoint(engine, plan, done)
+            self._say(f"[train] SIGTERM: checkpoint written at step {done}; continue with --resume auto")
+            return True
+        every = self.cfg.train.save_every
+        if done == plan.total_steps or (every > 0 and done % every == 0):
+            self._checkpoint(engine, plan, done)
+        return False
+
+    def _log_window(self, window: MetricWindow, engine: Engine, metrics: MetricsLogger, done: int) -> dict[str, float]:
+        """Reduce the metric window over the ranks, log it (with the inert-alignment warning, once) and return it."""
+        assert self.dist is not None
+        steps_logged = window.steps
+        row = window.reduce(self.dist, engine)
+        warning = self._monitor.update(row, steps_logged)
+        if warning is not None:
+            row["train/inert_warning"] = 1.0
+            self._say(warning)
+        metrics.log(done, row)
+        self._bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}")
+        return row
 
     def _train_step(
         self, engine: Engine, train: Any, micro: list[list[int]], collate: Any, window: MetricWindow, step: int
