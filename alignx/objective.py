@@ -30,6 +30,11 @@ the ranks' gradients is exactly the gradient of that global objective (2 ranks g
 process holding both micro-batches). ``global+queue`` adds a FIFO of detached targets of earlier steps
 (:class:`alignx.dist.NegativeQueue`, filled after each optimizer step) as candidates without gradient.
 
+One code path computes every mode (:meth:`AlignXObjective._alignx_terms`): ``local`` is ``global`` over a group of
+this process alone (no collective; each term's local mean is weighted by :func:`alignx.dist.global_share`, exactly
+1 there), and the candidate set of each anchor comes from :meth:`AlignXObjective.gather_candidates` (the live rows)
+plus the queue when there is one.
+
 Packed batches (``data.packing``): ``batch["cu_seqlens"] [R + 1]`` marks R records concatenated in one row
 (``[1, total]`` tensors); the filter, the pooling (``span_mean_pool(..., cu_seqlens=)``), the shift of the
 language-matching spans and the NTP masking all work per record, so the terms equal those of the padded batch.
