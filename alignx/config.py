@@ -20,6 +20,9 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from alignx.constants import DEFAULT_INSTRUCTION
+from alignx.errors import ConfigError
+from alignx.recipes import KINDS
+from alignx.similarity import SPACES
 
 __all__ = [
     "Config",
@@ -40,8 +43,10 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported before any model or data is loaded."""
+ObjectiveKind = Literal[KINDS]  # type: ignore[valid-type]
+"""``objective.kind``: one of the kinds of the recipe registry (:data:`alignx.recipes.KINDS`)."""
+SimilarityName = Literal[tuple(SPACES)]  # type: ignore[valid-type]
+"""``objective.similarity``: one of the spaces of the registry (:data:`alignx.similarity.SPACES`)."""
 
 
 def doc(default: Any, text: str) -> Any:
@@ -135,7 +140,7 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: Literal["alignx", "ntp", "afp", "clmap"] = doc(
+    kind: ObjectiveKind = doc(
         "alignx", "alignx = NTP + contrastive + language matching; ntp = language modelling only."
     )
     temperature: float = doc(0.1, "InfoNCE temperature tau (reference: 0.1).")
@@ -152,7 +157,7 @@ class ObjectiveConfig:
         "Legacy spelling of similarity=center: subtract the mean of the micro-batch's pooled states (with "
         "negatives='global' the gathered ones) before the contrastive cosine. 'none' = reference.",
     )
-    similarity: Literal["cosine", "center", "standardize", "whiten"] = doc(
+    similarity: SimilarityName = doc(
         "cosine",
         "Space of the contrastive cosine (alignx/similarity.py, docs/alignment.md): cosine = raw pooled states "
         "(reference); center = minus the step's batch mean (= center: batch); standardize = per-dimension running "

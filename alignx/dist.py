@@ -59,6 +59,7 @@ __all__ = [
     "broadcast_from_rank0",
     "gather_sizes",
     "global_mean_scale",
+    "global_share",
     "is_distributed",
     "rank_and_world",
     "sum_over_ranks",
@@ -123,14 +124,17 @@ class GatherSizes:
         return int(self.counts[:, k].sum())
 
 
-def gather_sizes(values: Sequence[int], *, device: torch.device | str = "cpu", group: Any = None) -> GatherSizes:
+def gather_sizes(
+    values: Sequence[int], *, device: torch.device | str = "cpu", group: Any = None, local_only: bool = False
+) -> GatherSizes:
     """All-gather a few integers per rank (first = this rank's row count) in one collective.
 
     ``device`` must suit the backend (CUDA for nccl, CPU for gloo): pass the device of the tensors being gathered.
-    Without a process group the result is this process's values as rank 0 of 1.
+    Without a process group, or with ``local_only`` (a group of this process alone, no collective), the result is
+    this process's values as rank 0 of 1.
     """
     local = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
-    rank, world = rank_and_world(group)
+    rank, world = (0, 1) if local_only else rank_and_world(group)
     if world == 1:
         return GatherSizes(local.view(1, -1).cpu(), 0)
     out = torch.empty(world * local.numel(), dtype=torch.int64, device=device)
@@ -194,6 +198,13 @@ def global_mean_scale(sizes: GatherSizes, column: int = 0) -> float:
     """
     total = sizes.column_total(column)
     return sizes.world_size / total if total > 0 else 0.0
+
+
+def global_share(sizes: GatherSizes, column: int = 0) -> float:
+    """``n_r W / N`` (0 when ``N = 0``): multiply this rank's *mean* over its ``n_r`` items by it for the same effect as
+    :func:`global_mean_scale` on its sum. Exactly 1.0 on a group of one, so a one-rank objective is its local mean."""
+    total = sizes.column_total(column)
+    return int(sizes.counts[sizes.rank, column]) * sizes.world_size / total if total > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

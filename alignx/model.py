@@ -31,16 +31,20 @@ model's own logits, so any soft-capping is included and the pooled states are un
 from __future__ import annotations
 
 import inspect
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import models
-from .config import Config, ModelConfig
 from .constants import IGNORE_INDEX
-from .objective import DIAG, TERMS, AlignXObjective, HeadInputs, build_objective, kernel_op
+from .decoder import ModelLayoutError, find_decoder_parts, first_output, layer_module
+from .objective import DIAG, TERMS, AlignXObjective, HeadInputs, kernel_op
+from .recipes import build_objective
 from .testing import tiny_pretrained
+
+if TYPE_CHECKING:
+    from .config import Config, ModelConfig
 
 __all__ = [
     "AlignXModel",
@@ -62,20 +66,6 @@ PACKAGED_MODELS = ("gemma3-270m", "smollm2-135m")
 # with attention_mask=None) and the FlashAttention varlen path (cu_seq_lens kwargs).
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Attribute paths tried, in order, on the decoder module (``get_decoder()``, then common wrappers, then the model).
-LAYER_PATHS = ("layers", "h", "blocks", "block", "decoder.layers", "model.layers", "transformer.h")
-NORM_PATHS = (
-    "norm",
-    "final_layernorm",
-    "final_layer_norm",
-    "ln_f",
-    "norm_f",
-    "final_norm",
-    "decoder.final_layer_norm",
-    "model.norm",
-    "transformer.ln_f",
-)
-ROOT_PATHS = ("model", "transformer", "gpt_neox", "decoder")
 
 
 # model_type -> what the HF causal-LM forward does to ``lm_head(hidden)`` (transformers 5.x, read in each class's
@@ -87,10 +77,6 @@ FUSED_HEAD_TYPES = {
     "cohere": "scale",
     "granite": "inverse_scale",
 }
-
-
-class ModelLayoutError(ValueError):
-    """The decoder blocks or the final norm of a model could not be located."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,48 +173,6 @@ def load_causal_lm(model_cfg: ModelConfig) -> Any:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Layout
-
-
-def _get_path(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def find_decoder_parts(lm: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
-    """``(decoder blocks, final norm)`` of a causal LM, found without knowing its class.
-
-    Tries ``lm.get_decoder()`` (the HF accessor) first, then the usual wrapper attributes (``model``,
-    ``transformer``, ``gpt_neox``, ``decoder``) and ``lm`` itself; on each, the blocks are the first non-empty
-    ``nn.ModuleList`` among :data:`LAYER_PATHS` and the norm the first module among :data:`NORM_PATHS`.
-
-    Raises:
-        ModelLayoutError: naming the model class and what was looked for.
-    """
-    roots: list[nn.Module] = []
-    get_decoder = getattr(lm, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            roots.append(get_decoder())
-        except Exception:  # some wrappers raise instead of returning None
-            pass
-    roots += [m for m in (_get_path(lm, p) for p in ROOT_PATHS) if isinstance(m, nn.Module)]
-    roots.append(lm)
-    for root in roots:
-        layers = next(
-            (x for x in (_get_path(root, p) for p in LAYER_PATHS) if isinstance(x, nn.ModuleList) and len(x) > 0),
-            None,
-        )
-        norm = next((x for x in (_get_path(root, p) for p in NORM_PATHS) if isinstance(x, nn.Module)), None)
-        if layers is not None and norm is not None:
-            return layers, norm
-    raise ModelLayoutError(
-        f"{type(lm).__name__}: cannot find the decoder blocks (an nn.ModuleList at one of {LAYER_PATHS}) and the final "
-        f"norm (one of {NORM_PATHS}) on get_decoder(), {ROOT_PATHS} or the model itself"
-    )
 
 
 def _hidden_size(lm: nn.Module) -> int:
@@ -427,7 +371,7 @@ class _HiddenCapture:
 
     def _keep(self, key: str, output: Any) -> None:
         if self.active:
-            self.tensors[key] = output[0] if isinstance(output, (tuple, list)) else output
+            self.tensors[key] = first_output(output)
 
     def align(self, module: nn.Module, args: Any, output: Any) -> None:
         self._keep("align", output)
@@ -453,7 +397,7 @@ class AlignXModel(nn.Module):
     def __init__(self, lm: nn.Module, cfg: Config) -> None:
         super().__init__()
         self.lm = lm
-        # objective.kind -> AlignXObjective or a recipe's subclass (alignx.objective.RECIPE_OBJECTIVES)
+        # objective.kind -> AlignXObjective or a recipe's own class (alignx.recipes.RECIPES)
         self.objective: AlignXObjective = build_objective(cfg.objective, min_target_tokens=cfg.data.min_target_tokens)
         layers, final_norm = find_decoder_parts(lm)
         self.num_layers = len(layers)
@@ -495,8 +439,7 @@ class AlignXModel(nn.Module):
 
     def _hook_align_layer(self, layers: nn.ModuleList, final_norm: nn.Module) -> Any:
         # HF's hidden_states[N] is the final-norm output, not block N's: align_layer = N reads the norm too.
-        module = layers[self.align_layer - 1] if self.align_layer < self.num_layers else final_norm
-        return module.register_forward_hook(self._capture.align)
+        return layer_module(layers, final_norm, self.align_layer).register_forward_hook(self._capture.align)
 
     def set_align_layer(self, layer: int) -> None:
         """Move the contrastive hook to block ``layer`` (1-based; ``model.align_layer=auto`` measures it first)."""
@@ -569,39 +512,20 @@ class AlignXModel(nn.Module):
         """
         extra: dict[str, Any] = {}
         if cu_seqlens is not None:
-            if position_ids is None:
-                raise ValueError("a packed batch (cu_seqlens) needs position_ids restarting at 0 for every record")
-            if input_ids.shape[0] != 1:
-                raise ValueError(f"a packed batch is one row [1, total], got input_ids {tuple(input_ids.shape)}")
-            if attention_mask is not None and not bool(attention_mask.all()):
-                raise ValueError("a packed batch has no padding: pass attention_mask=None (or all ones)")
-            starts = cu_seqlens[:-1].long()
-            if bool((position_ids.reshape(-1)[starts[starts < input_ids.shape[1]]] != 0).any()):
-                raise ValueError("position_ids must be 0 at every record start cu_seqlens[i] of a packed batch")
+            _check_packed(input_ids, attention_mask, position_ids, cu_seqlens)
             # transformers detects packing from the position ids only when the 2D mask is None.
             attention_mask = None
             extra = self._packed_attention_kwargs(cu_seqlens)
         self._capture.start(self.lang_head is not None)
         try:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
             if fused and self._body and self.lm_loss is not None:
-                out = self._body[0](
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                    **extra,
-                )
+                out = self._body[0](**inputs, use_cache=False, **extra)
                 hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
                 logits: Any = HeadInputs(hidden, self.lm_loss)
             else:
-                out = self.lm(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                    **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
-                    **extra,
-                )
+                keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+                out = self.lm(**inputs, use_cache=False, **keep, **extra)
                 logits = out.logits if hasattr(out, "logits") else out[0]
         finally:
             captured = self._capture.stop()
@@ -663,6 +587,11 @@ class AlignXModel(nn.Module):
 
     # -- negatives queue (objective.negatives = "global+queue"), driven by the trainer ----------------------------
 
+    @property
+    def candidates(self) -> int:
+        """Contrastive candidates per anchor in the last forward (0 before the first or without the term)."""
+        return self.objective.last_candidates
+
     def end_step(self, step: int = -1) -> int:
         """Call after each optimizer step: the rows staged by its forwards enter the negatives queue."""
         return self.objective.end_step(step)
@@ -673,6 +602,21 @@ class AlignXModel(nn.Module):
 
     def load_negatives_state(self, state: dict[str, Any] | None, device: torch.device | str | None = None) -> None:
         self.objective.load_negatives_state(state, device)
+
+
+def _check_packed(
+    input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cu_seqlens: Tensor
+) -> None:
+    """A packed batch is one row ``[1, total]`` without padding, positions restarting at 0 at every record."""
+    if position_ids is None:
+        raise ValueError("a packed batch (cu_seqlens) needs position_ids restarting at 0 for every record")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"a packed batch is one row [1, total], got input_ids {tuple(input_ids.shape)}")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("a packed batch has no padding: pass attention_mask=None (or all ones)")
+    starts = cu_seqlens[:-1].long()
+    if bool((position_ids.reshape(-1)[starts[starts < input_ids.shape[1]]] != 0).any()):
+        raise ValueError("position_ids must be 0 at every record start cu_seqlens[i] of a packed batch")
 
 
 def _enable_gradient_checkpointing(lm: nn.Module) -> None:

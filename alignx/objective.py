@@ -30,6 +30,11 @@ the ranks' gradients is exactly the gradient of that global objective (2 ranks g
 process holding both micro-batches). ``global+queue`` adds a FIFO of detached targets of earlier steps
 (:class:`alignx.dist.NegativeQueue`, filled after each optimizer step) as candidates without gradient.
 
+One code path computes every mode (:meth:`AlignXObjective._alignx_terms`): ``local`` is ``global`` over a group of
+this process alone (no collective; each term's local mean is weighted by :func:`alignx.dist.global_share`, exactly
+1 there), and the candidate set of each anchor comes from :meth:`AlignXObjective.gather_candidates` (the live rows)
+plus the queue when there is one.
+
 Packed batches (``data.packing``): ``batch["cu_seqlens"] [R + 1]`` marks R records concatenated in one row
 (``[1, total]`` tensors); the filter, the pooling (``span_mean_pool(..., cu_seqlens=)``), the shift of the
 language-matching spans and the NTP masking all work per record, so the terms equal those of the padded batch.
@@ -42,28 +47,29 @@ formula never changes with the implementation. Nothing here imports transformers
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .config import ConfigError, ObjectiveConfig
 from .constants import IGNORE_INDEX, SOURCE_SPAN, TARGET_SPAN
-from .dist import NegativeQueue, all_gather_rows, gather_sizes, global_mean_scale, is_distributed
+from .dist import GatherSizes, NegativeQueue, all_gather_rows, gather_sizes, global_share, is_distributed
+from .errors import ConfigError
 from .similarity import SimilaritySpace, build_space
+
+if TYPE_CHECKING:
+    from .config import ObjectiveConfig
 
 __all__ = [
     "IGNORE_INDEX",
     "SOURCE_SPAN",
     "TARGET_SPAN",
-    "RECIPE_OBJECTIVES",
     "AlignXObjective",
     "Candidates",
     "HeadInputs",
     "NTPInput",
-    "build_objective",
     "contrastive_diagnostics",
     "kernel_op",
     "lm_loss_sum",
@@ -72,9 +78,8 @@ __all__ = [
 ]
 
 NUM_SPANS = 2
-# Logit elements (B x T x V) handled per chunk of the fp32 cross-entropy: 2^26 fp32 = 256 MiB of temporaries, about
-# one 512-token row of a 128k vocabulary.
-CE_CHUNK_ELEMENTS = 1 << 26
+# Logit elements (B x T x V) handled per chunk of the fp32 cross-entropy (alignx.kernels.cross_entropy_sum).
+CE_CHUNK_ELEMENTS = kernels.CE_CHUNK_ELEMENTS
 KINDS = ("alignx", "ntp")
 NEGATIVES = ("local", "global", "global+queue")
 TERMS = ("loss", "ntp", "ctr", "lam", "rows_kept", "rows_dropped")
@@ -162,63 +167,6 @@ def record_index(cu_seqlens: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff())
 
 
-def _chunks(b: int, t: int, v: int, chunk_elements: int) -> Iterator[tuple[slice, slice]]:
-    """``(rows, positions)`` slices covering ``[b, t]`` with at most ``chunk_elements`` logits each (about: a row
-    longer than the budget is cut along time, at least one position per chunk)."""
-    rows = max(1, chunk_elements // max(1, t * v))
-    span = t if t * v <= chunk_elements else max(1, chunk_elements // max(1, v))
-    for r0 in range(0, b, rows):
-        for t0 in range(0, t, span):
-            yield slice(r0, r0 + rows), slice(t0, t0 + span)
-
-
-class _CrossEntropySum(torch.autograd.Function):
-    """``sum_(b,t) [logsumexp(logits[b, t]) - logits[b, t, target[b, t]]]`` over ``target != IGNORE_INDEX``.
-
-    fp32 maths on chunks of at most ``chunk_elements`` logits. Forward keeps only the ``[B, T]`` fp32 log-sum-exps;
-    backward writes ``g * (softmax - onehot)`` chunk by chunk into ONE gradient of the logits' shape and dtype (0 at
-    ignored positions, also where those logits are not finite). Peak memory on top of the logits: that gradient plus
-    one fp32 chunk, where autograd through slices and ``logsumexp`` would hold several logits-sized buffers.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, target: Tensor, chunk_elements: int) -> Tensor:
-        b, t, v = logits.shape
-        lse = torch.empty((b, t), dtype=torch.float32, device=logits.device)
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for rs, ts in _chunks(b, t, v, chunk_elements):
-            x, tgt = logits[rs, ts].float(), target[rs, ts]
-            m = torch.logsumexp(x, dim=-1)
-            lse[rs, ts] = m
-            picked = x.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            # where, not multiply: a non-finite logit at an ignored (padding) position must not leak into the sum.
-            total += torch.where(tgt != IGNORE_INDEX, m - picked, torch.zeros_like(m)).sum()
-        ctx.save_for_backward(logits, target, lse)
-        ctx.chunk_elements = chunk_elements
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
-        logits, target, lse = ctx.saved_tensors
-        b, t, v = logits.shape
-        chunks = list(_chunks(b, t, v, ctx.chunk_elements))
-        grad: Tensor | None = None
-        for rs, ts in chunks:
-            tgt = target[rs, ts]
-            valid = (tgt != IGNORE_INDEX).unsqueeze(-1)
-            # Every op in place on the one fp32 chunk p: softmax, minus one-hot, times g, 0 where not counted.
-            p = torch.sub(logits[rs, ts].float(), lse[rs, ts].unsqueeze(-1)).exp_()
-            p.scatter_add_(-1, tgt.clamp(min=0).unsqueeze(-1), -valid.to(p.dtype))
-            p.mul_(grad_out.float()).masked_fill_(~valid, 0.0)
-            if len(chunks) == 1 and p.dtype == logits.dtype:
-                return p, None, None  # one fp32 chunk: it is the gradient
-            if grad is None:
-                grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-            grad[rs, ts] = p
-        return grad, None, None
-
-
 class HeadInputs(NamedTuple):
     """What the fused NTP loss reads instead of logits: the LM head's input and the head as a loss function.
 
@@ -264,7 +212,7 @@ def lm_loss_sum(logits: NTPInput, labels: Tensor, *, chunk_elements: int = CE_CH
     all of them): logits ``j`` belong to position ``T - K + j``. With ``K < T`` the caller guarantees that no label
     at positions ``1 .. T - K`` is counted (:meth:`alignx.model.AlignXModel.forward` picks K so). The maths is fp32 on
     chunks of at most ``chunk_elements`` logits and the backward writes one gradient of the logits' shape
-    (:class:`_CrossEntropySum`): no logits-sized fp32 copy, slice gradient or softmax is ever held.
+    (:func:`alignx.kernels.cross_entropy_sum`): no logits-sized fp32 copy, slice gradient or softmax is ever held.
 
     Fused (``logits`` a :class:`HeadInputs` with ``hidden [B, T, D]``): the same sum from the final-norm states and
     the head weight in one op that never holds the logits; only the counted positions reach the head.
@@ -287,7 +235,7 @@ def lm_loss_sum(logits: NTPInput, labels: Tensor, *, chunk_elements: int = CE_CH
     target = torch.full_like(labels[:, t - k :], IGNORE_INDEX)
     target[:, :-1] = labels[:, t - k + 1 :]
     count = (target != IGNORE_INDEX).sum()
-    return _CrossEntropySum.apply(logits, target, chunk_elements), count
+    return kernels.cross_entropy_sum(logits, target, chunk_elements=chunk_elements), count
 
 
 class Candidates(NamedTuple):
@@ -367,7 +315,7 @@ class AlignXObjective:
         if not self.uses_head:
             return self._ntp_only(logits, labels, batch.get("cu_seqlens"))
         span_ids = _need(batch, "span_ids")
-        src_lang, tgt_lang = _need(batch, "src_lang"), _need(batch, "tgt_lang")
+        _need(batch, "src_lang"), _need(batch, "tgt_lang")  # checked here, read in _alignx_terms
         if span_ids.shape != labels.shape:
             raise ValueError(f"span_ids {tuple(span_ids.shape)} must have the shape of labels {tuple(labels.shape)}")
         if hidden_align is None or hidden_final is None:
@@ -378,24 +326,7 @@ class AlignXObjective:
         cu_seqlens = batch.get("cu_seqlens")  # packed: records cu_seqlens[i]:cu_seqlens[i + 1] of the one row
         self.diagnostics = {}
         keep = self.keep_rows(span_ids, cu_seqlens)
-        kept = keep.nonzero().squeeze(1)
-        n_kept = kept.numel()
-        if self.cfg.negatives != "local":
-            return self._global_call(logits, labels, hidden_align, hidden_final, batch, keep, head)
-
-        ntp = self.ntp_loss(logits, labels, keep, cu_seqlens)
-        pooled_align = self.pool(hidden_align, span_ids, cu_seqlens)  # [B, 2, D] fp32
-        pooled_final = self.pool(hidden_final, shift_span_ids(span_ids, cu_seqlens), cu_seqlens)  # [B, 2, D] fp32
-        if n_kept == 0:
-            # Every row dropped: a zero that still runs the head, so every rank gathers the same parameters.
-            lam = self.language_matching_loss(pooled_final[:, 0], pooled_final[:, 1], src_lang, tgt_lang, head) * 0.0
-            ctr = lam.new_zeros(())
-        else:
-            ctr = self.contrastive_loss(pooled_align[kept, 0], pooled_align[kept, 1], src_lang[kept], tgt_lang[kept])
-            lam = self.language_matching_loss(
-                pooled_final[kept, 0], pooled_final[kept, 1], src_lang[kept], tgt_lang[kept], head
-            )
-        return self._terms(ntp, ctr, lam, n_kept, keep.numel())
+        return self._alignx_terms(logits, labels, hidden_align, hidden_final, batch, keep, head)
 
     def _ntp_only(self, logits: NTPInput, labels: Tensor, cu_seqlens: Tensor | None = None) -> dict[str, Tensor]:
         ntp = self.ntp_loss(logits, labels)
@@ -460,10 +391,14 @@ class AlignXObjective:
         batch without any counted token gives 0, never 0/0. Packed rows carry -100 on each record's first token (the
         collator's job), so no record is predicted from the one before it.
         """
-        if keep is not None:
-            labels = labels.masked_fill(~self.token_mask(keep, labels, cu_seqlens), IGNORE_INDEX)
-        total, count = lm_loss_sum(logits, labels)
+        total, count = lm_loss_sum(logits, self.masked_labels(labels, keep, cu_seqlens))
         return total / count.clamp(min=1).float()
+
+    def masked_labels(self, labels: Tensor, keep: Tensor | None, cu_seqlens: Tensor | None = None) -> Tensor:
+        """``labels [B, T]`` with the positions of dropped rows (``keep [B]`` False) set to ``-100``."""
+        if keep is None:
+            return labels
+        return labels.masked_fill(~self.token_mask(keep, labels, cu_seqlens), IGNORE_INDEX)
 
     def pool(self, hidden: Tensor, span_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         """``[B, 2, D]`` fp32 means of ``hidden [B, T, D]`` over the source (index 0) and target (index 1) spans.
@@ -485,11 +420,12 @@ class AlignXObjective:
         return means
 
     def gather_candidates(self, emb: Tensor) -> Candidates:
-        """The candidates of the anchors whose positives are the rows of ``emb`` ``[B', D]``.
+        """The candidates of the anchors whose positives are the rows of ``emb`` ``[N, D]`` (in the similarity space).
 
-        The reference uses the local micro-batch: candidates = ``emb``, anchor b's positive = row b, all rows carry
-        gradients. This is the seam where cross-rank gathering and a queue of earlier embeddings plug in (the
-        formula in :meth:`contrastive_loss` does not change).
+        ``emb`` is the live set: this micro-batch's rows (``negatives='local'``, the reference) or every rank's, in
+        rank order (the global modes); anchor b's positive is row b, all rows carry gradients. This is the seam where
+        more negatives plug in (the formula in :meth:`_global_contrastive` does not change); the queue of earlier
+        steps (``global+queue``) is added after it, on the raw rows, so that one step's statistics map them all.
         """
         positive = torch.arange(emb.shape[0], device=emb.device)
         return Candidates(emb, positive, None)
@@ -497,7 +433,8 @@ class AlignXObjective:
     def contrastive_loss(
         self, h_src: Tensor, h_tgt: Tensor, src_lang: Tensor | None = None, tgt_lang: Tensor | None = None
     ) -> Tensor:
-        """``ctr_scale * mean_b InfoNCE`` with cosine / tau, anchors = sources, candidates = targets (``[B', D]`` each).
+        """``ctr_scale * mean_b InfoNCE`` with cosine / tau, anchors = sources, candidates = targets (``[B', D]`` each),
+        over this micro-batch alone (no collective): :meth:`_global_contrastive` on a group of one.
 
         The cosine is taken in ``objective.similarity``'s space (:mod:`alignx.similarity`; the reference
         ``cosine`` = the raw states; ``center`` subtracts the mean of ``[h_src; h_tgt]`` with its gradient; the
@@ -506,18 +443,9 @@ class AlignXObjective:
         single row has no negative), as in the reference.
         """
         self._stage(h_src, h_tgt, src_lang, tgt_lang)
-        if h_src.shape[0] <= 1:
-            return h_src.new_zeros((), dtype=torch.float32)
-        both = torch.cat([h_src, h_tgt])
-        z_src, z_tgt = self.space(h_src, src_lang, both), self.space(h_tgt, tgt_lang, both)
-        cand = self.gather_candidates(z_tgt)
-        loss = self._info_nce(z_src, cand)
-        self.diagnostics = contrastive_diagnostics(
-            h_src, h_tgt, z_src, cand.embeddings, cand.positive_index, self.cfg.temperature, src_lang, tgt_lang
-        )
-        if self.cfg.symmetric:
-            loss = 0.5 * (loss + self._info_nce(z_tgt, self.gather_candidates(z_src)))
-        return self.cfg.ctr_scale * loss
+        langs = None if src_lang is None or tgt_lang is None else torch.stack([src_lang, tgt_lang], 1)
+        sizes = gather_sizes([h_src.shape[0]], device=h_src.device, local_only=True)
+        return self._global_contrastive(h_src, h_tgt, h_src, h_tgt, langs, sizes, h_src.dtype)
 
     def _stage(self, h_src: Tensor, h_tgt: Tensor, src_lang: Tensor | None, tgt_lang: Tensor | None) -> None:
         """Stage this training micro-batch's kept pooled states for the running statistics (no-op in eval)."""
@@ -588,12 +516,19 @@ class AlignXObjective:
             if cfg.symmetric:
                 self.source_queue = NegativeQueue(cfg.queue_size, name="sources")
 
+    def _sizes(self, values: list[int], device: torch.device) -> GatherSizes:
+        """The micro-step's counts over the candidates' group: this process alone (``local``) or every rank."""
+        local = self.cfg.negatives == "local"
+        if not (local or is_distributed()):
+            raise RuntimeError(f"objective.negatives={self.cfg.negatives!r} needs the process group it was built in")
+        return gather_sizes(values, device=device, group=self.group, local_only=local)
+
     @property
     def queues(self) -> dict[str, NegativeQueue]:
         """The negatives queues by name (empty unless ``negatives='global+queue'``)."""
         return {q.name: q for q in (self.queue, self.source_queue) if q is not None}
 
-    def _global_call(
+    def _alignx_terms(
         self,
         logits: NTPInput,
         labels: Tensor,
@@ -603,7 +538,8 @@ class AlignXObjective:
         keep: Tensor,
         head: nn.Module,
     ) -> dict[str, Tensor]:
-        """All terms with the micro-step's batch over all ranks as the unit (module docstring, :mod:`alignx.dist`).
+        """All terms of an AlignX micro-batch, with the micro-step's batch over all ranks as the unit (module docstring,
+        :mod:`alignx.dist`); ``negatives='local'`` is the same computation over a group of this process alone.
 
         With ``W`` ranks, ``N = sum_r N_r`` kept rows and ``K`` counted tokens over all ranks, rank r returns::
 
@@ -615,19 +551,16 @@ class AlignXObjective:
         the global objective, and the trainer's average of the logged terms is its value. The code path does not
         depend on this rank's row count: every rank makes the same collectives, forward and backward.
         """
-        if not is_distributed():
-            raise RuntimeError(f"objective.negatives={self.cfg.negatives!r} needs the process group it was built in")
         span_ids, src_lang, tgt_lang = batch["span_ids"], batch["src_lang"], batch["tgt_lang"]
         cu_seqlens = batch.get("cu_seqlens")
         kept = keep.nonzero().squeeze(1)
         n_kept = kept.numel()
-        masked = labels.masked_fill(~self.token_mask(keep, labels, cu_seqlens), IGNORE_INDEX)
-        ntp_sum, n_tokens = lm_loss_sum(logits, masked)
+        ntp_sum, n_tokens = lm_loss_sum(logits, self.masked_labels(labels, keep, cu_seqlens))
         pooled_align = self.pool(hidden_align, span_ids, cu_seqlens)  # [B, 2, D] fp32
         pooled_final = self.pool(hidden_final, shift_span_ids(span_ids, cu_seqlens), cu_seqlens)  # [B, 2, D] fp32
 
-        sizes = gather_sizes([n_kept, int(n_tokens)], device=logits.device, group=self.group)
-        ntp = ntp_sum * global_mean_scale(sizes, column=1)
+        sizes = self._sizes([n_kept, int(n_tokens)], logits.device)
+        ntp = ntp_sum / n_tokens.clamp(min=1).float() * global_share(sizes, column=1)
         # One gathered tensor for all four pooled states: a single collective with gradient, so every rank's backward
         # makes exactly one (the same) collective whatever its row count.
         local = torch.cat([pooled_align[kept], pooled_final[kept]], dim=1).flatten(1)  # [N_r, 4D]: x, y, e_x, e_y
@@ -654,52 +587,83 @@ class AlignXObjective:
         h_tgt: Tensor,
         x_all: Tensor,
         y_all: Tensor,
-        langs: Tensor,
-        sizes: Any,
+        langs: Tensor | None,
+        sizes: GatherSizes,
         train_dtype: torch.dtype,
     ) -> Tensor:
-        """``ctr_scale * (W / N) * sum over local anchors of InfoNCE`` against ``[gathered; queued]`` candidates.
+        """``ctr_scale * (W / N) * sum over local anchors of InfoNCE`` against ``[gathered; queued]`` candidates: the
+        contrastive term of every ``objective.negatives`` mode.
 
         ``h_src, h_tgt [N_r, D]`` local kept rows; ``x_all, y_all [N, D]`` gathered (this rank's rows at
         ``sizes.offset``); ``langs [N, 2]`` their (source, target) languages. Anchor b's positive is candidate
-        ``offset + b``; the first ``N`` candidates (gathered) get gradients, the queued ones none. With a queue the
-        InfoNCE runs in the training dtype (the queue's), fp32 accumulation. Training forwards (grad enabled) stage
-        the gathered rows for :meth:`end_step`. 0 when there is no anchor or fewer than 2 candidates (reference).
+        ``offset + b``; the first ``N`` candidates (gathered, through :meth:`gather_candidates`) get gradients, the
+        queued ones none. With a queue the InfoNCE runs in the training dtype (the queue's), fp32 accumulation.
+        Training forwards (grad enabled) stage the gathered rows for :meth:`end_step`. 0 when there is no anchor or
+        fewer than 2 candidates (reference). Each direction's anchor mean is weighted by :func:`global_share`
+        (exactly 1 on a group of one), so ``negatives='local'`` is the reference's ``ctr_scale * mean``.
         """
         n_total, n_local = sizes.total, h_src.shape[0]
         space, both = self.space, torch.cat([x_all, y_all])  # ``center`` subtracts the gathered batch's mean
-        src_local, tgt_local = langs[sizes.offset : sizes.offset + n_local].unbind(1)
-        directions = [(h_src, src_local, y_all, self.queue, langs[:, 1])]
+        src_all = tgt_all = src_local = tgt_local = None  # no languages: one statistic for every row
+        if langs is not None:
+            src_all, tgt_all = langs.unbind(1)
+            src_local, tgt_local = (
+                src_all[sizes.offset : sizes.offset + n_local],
+                tgt_all[sizes.offset : sizes.offset + n_local],
+            )
+        directions = [(h_src, src_local, y_all, self.queue, tgt_all)]
         if self.cfg.symmetric:
-            directions.append((h_tgt, tgt_local, x_all, self.source_queue, langs[:, 0]))
+            directions.append((h_tgt, tgt_local, x_all, self.source_queue, src_all))
         n_queued = self.queue.size if self.queue is not None else 0
-        self.last_candidates = n_total + n_queued
+        if self.cfg.negatives != "local":  # logged by the trainer for the global modes
+            self.last_candidates = n_total + n_queued
         positive = sizes.offset + torch.arange(n_local, device=h_src.device)
+        share = global_share(sizes)
         total = h_src.new_zeros((), dtype=torch.float32)
         for i, (anchors, anchor_langs, live, queue, live_langs) in enumerate(directions):
             if n_total >= 1 and n_total + n_queued > 1:
                 z_anchors = space(anchors, anchor_langs, both)
-                if queue is None:
-                    cand = Candidates(space(live, live_langs, both), positive, None)
-                else:
-                    # The queue holds raw rows: the whole [live; queued] set is mapped with this step's statistics
-                    # (a no-op view for the reference cosine). The queued rows get no gradient from the kernel,
-                    # so with ``center`` the batch mean gets none through them either.
-                    queue.ensure(live.shape[1], train_dtype, live.device, live_rows=n_total)
-                    raw = queue.candidates(live)
-                    cand_langs = torch.cat([live_langs, queue.slot_langs()])
-                    cand = Candidates(space(raw, cand_langs, both).to(train_dtype), positive, n_total)
+                cand = self._candidates(live, live_langs, queue, both, positive, train_dtype)
+                if queue is not None:
                     z_anchors = z_anchors.to(train_dtype)
                 if i == 0 and n_local > 0:
                     live_z = cand.embeddings[:n_total]
                     self.diagnostics = contrastive_diagnostics(
                         anchors, live, z_anchors, live_z, positive, self.cfg.temperature, anchor_langs, live_langs
                     )
-                total = total + self._info_nce(z_anchors, cand, reduction="sum")
+                if n_local > 0:
+                    total = total + self._info_nce(z_anchors, cand) * share
+                else:  # no anchor here: a zero with the candidates' graph, as on the other ranks
+                    total = total + self._info_nce(z_anchors, cand, reduction="sum")
             if queue is not None and torch.is_grad_enabled():
                 queue.stage(live.detach(), live_langs)
-        scale = global_mean_scale(sizes) / len(directions)
-        return self.cfg.ctr_scale * scale * total
+        return self.cfg.ctr_scale * (total / len(directions))
+
+    def _candidates(
+        self,
+        live: Tensor,
+        live_langs: Tensor | None,
+        queue: NegativeQueue | None,
+        both: Tensor,
+        positive: Tensor,
+        train_dtype: torch.dtype,
+    ) -> Candidates:
+        """One direction's candidates: the live rows ``[N, D]`` (all ranks') mapped into the similarity space through
+        :meth:`gather_candidates`, then the queue's rows of earlier steps (no gradient) if there is a queue.
+        ``positive [N_r]``: the candidate of each local anchor."""
+        if queue is None:
+            cand = self.gather_candidates(self.space(live, live_langs, both))
+            if positive.numel() != live.shape[0]:  # the anchors are this rank's rows of the gathered set
+                cand = cand._replace(positive_index=cand.positive_index[positive])
+            return cand
+        # The queue holds raw rows: the whole [live; queued] set is mapped with this step's statistics (a no-op view
+        # for the reference cosine). The queued rows get no gradient from the kernel, so with ``center`` the batch
+        # mean gets none through them either.
+        n_total = live.shape[0]
+        queue.ensure(live.shape[1], train_dtype, live.device, live_rows=n_total)
+        raw = queue.candidates(live)
+        cand_langs = torch.cat([live_langs, queue.slot_langs()])
+        return Candidates(self.space(raw, cand_langs, both).to(train_dtype), positive, n_total)
 
     def end_step(self, step: int = -1) -> int:
         """After an optimizer step (every rank): append the rows staged by its forwards to the queues and to the
@@ -742,25 +706,3 @@ def _need(batch: Mapping[str, Tensor], key: str) -> Tensor:
     if value is None:
         raise ValueError(f"the batch has no {key!r} (keys: {sorted(batch)})")
     return value
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# objective.kind -> objective class
-
-RECIPE_OBJECTIVES: dict[str, str] = {
-    "afp": "alignx.recipes.afp:AFPObjective",
-    "clmap": "alignx.recipes.clmap:CLMapObjective",
-}
-"""Objective classes of the recipes (``alignx.recipes``), as ``module:Class``; ``alignx`` and ``ntp`` are
-:class:`AlignXObjective`. Imported on use, so this module imports no recipe."""
-
-
-def build_objective(cfg: ObjectiveConfig, *, min_target_tokens: int = 3) -> AlignXObjective:
-    """The objective of ``cfg.kind``: :class:`AlignXObjective` or the recipe's subclass (:data:`RECIPE_OBJECTIVES`)."""
-    import importlib
-
-    target = RECIPE_OBJECTIVES.get(cfg.kind)
-    if target is None:
-        return AlignXObjective(cfg, min_target_tokens=min_target_tokens)
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)(cfg, min_target_tokens=min_target_tokens)

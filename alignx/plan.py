@@ -469,35 +469,11 @@ def plan(cfg: Config, *, gpus: int = 1, nodes: int = 1, gpu_memory_gib: float = 
     m = cfg.train.micro_batch_size
     budget_all = int(gpu_memory_gib * GIB) - int(reserve_gib * GIB)
 
-    states = []
-    for precision in ("bf16", "fp32"):
-        for stage in range(4):
-            st = model_states(P, L, N, stage, precision)
-            if precision != "fp32":
-                st.deepspeed = deepspeed_estimate(P, L, gpus, nodes, stage, "none")
-            states.append(st)
-    for stage, offload in ((2, "optimizer"), (3, "optimizer"), (3, "optimizer+param")):
-        st = model_states(P, L, N, stage, cfg.engine.precision, offload)
-        if cfg.engine.precision != "fp32":
-            st.deepspeed = deepspeed_estimate(P, L, gpus, nodes, stage, offload)
-        states.append(st)
-
+    states = _states_table(cfg, P, L, gpus, nodes)
     eng = cfg.engine
-    configured_offload = "optimizer+param" if eng.offload_param else ("optimizer" if eng.offload_optimizer else "none")
-    ckpt = cfg.model.gradient_checkpointing
-    variants = [("as configured", eng.zero_stage, configured_offload, ckpt)]
-    variants += [(f"ZeRO-{z}", z, "none", ckpt) for z in range(4) if z != eng.zero_stage]
-    variants.append(
-        (("-" if ckpt else "+") + " activation checkpointing", eng.zero_stage, configured_offload, not ckpt)
-    )
-    if configured_offload == "none" and eng.zero_stage >= 1:
-        variants.append(("+ optimizer offload", eng.zero_stage, "optimizer", ckpt))
-    if eng.zero_stage == 3 and configured_offload != "optimizer+param":
-        variants.append(("+ parameter offload", 3, "optimizer+param", ckpt))
-
     settings = []
     s = BYTES[eng.precision]
-    for label, stage, offload, ck in variants:
+    for label, stage, offload, ck in _variants(cfg):
         st = model_states(P, L, N, stage, eng.precision, offload)
         fixed = st.total + _buckets(cfg, P, stage, s)
 
@@ -538,6 +514,41 @@ def plan(cfg: Config, *, gpus: int = 1, nodes: int = 1, gpu_memory_gib: float = 
             for x in settings
         ],  # fmt: skip
     }
+
+
+def _states_table(cfg: Config, P: int, L: int, gpus: int, nodes: int) -> list[ModelStates]:
+    """Model states per ZeRO stage in bf16 and fp32, then with the offloads, in the configured precision (with
+    DeepSpeed's own estimate where it has one)."""
+    N, states = gpus * nodes, []
+    for precision in ("bf16", "fp32"):
+        for stage in range(4):
+            st = model_states(P, L, N, stage, precision)
+            if precision != "fp32":
+                st.deepspeed = deepspeed_estimate(P, L, gpus, nodes, stage, "none")
+            states.append(st)
+    for stage, offload in ((2, "optimizer"), (3, "optimizer"), (3, "optimizer+param")):
+        st = model_states(P, L, N, stage, cfg.engine.precision, offload)
+        if cfg.engine.precision != "fp32":
+            st.deepspeed = deepspeed_estimate(P, L, gpus, nodes, stage, offload)
+        states.append(st)
+    return states
+
+
+def _variants(cfg: Config) -> list[tuple[str, int, str, bool]]:
+    """``(label, ZeRO stage, offload, checkpointing)``: the configured setting first, then one change at a time."""
+    eng = cfg.engine
+    configured_offload = "optimizer+param" if eng.offload_param else ("optimizer" if eng.offload_optimizer else "none")
+    ckpt = cfg.model.gradient_checkpointing
+    variants = [("as configured", eng.zero_stage, configured_offload, ckpt)]
+    variants += [(f"ZeRO-{z}", z, "none", ckpt) for z in range(4) if z != eng.zero_stage]
+    variants.append(
+        (("-" if ckpt else "+") + " activation checkpointing", eng.zero_stage, configured_offload, not ckpt)
+    )
+    if configured_offload == "none" and eng.zero_stage >= 1:
+        variants.append(("+ optimizer offload", eng.zero_stage, "optimizer", ckpt))
+    if eng.zero_stage == 3 and configured_offload != "optimizer+param":
+        variants.append(("+ parameter offload", 3, "optimizer+param", ckpt))
+    return variants
 
 
 def _acts_dict(a: Activations) -> dict[str, Any]:

@@ -43,18 +43,28 @@ value once the positives win — and the logged spread of positive and negative 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .config import ConfigError, ObjectiveConfig
 from .dist import gather_sizes, is_distributed, rank_and_world
+from .errors import ConfigError
 
-__all__ = ["SPACES", "RunningMoments", "SimilaritySpace", "build_space"]
+if TYPE_CHECKING:
+    from .config import ObjectiveConfig
 
-SPACES = ("cosine", "center", "standardize", "whiten")
-RUNNING = ("standardize", "whiten")
+__all__ = [
+    "SPACES",
+    "CenterSpace",
+    "RunningMoments",
+    "RunningSpace",
+    "SimilaritySpace",
+    "StandardizeSpace",
+    "WhitenSpace",
+    "build_space",
+]
+
 ALL_LANGS = -1  # key of the all-language moments
 
 
@@ -207,15 +217,70 @@ class RunningMoments:
 
 
 class SimilaritySpace:
-    """The map applied to pooled rows before the cosine InfoNCE (module docstring). Built by :func:`build_space`.
+    """The protocol of a space (module docstring): the map applied to pooled rows before the cosine InfoNCE, and its
+    training hooks. This base is the identity with no state; the registry :data:`SPACES` holds one subclass per
+    ``objective.similarity`` value, built by :func:`build_space`.
 
-    ``space(rows [n, D], langs [n])`` returns the transformed rows (fp32, with the gradient of ``rows``);
-    ``batch`` (``[m, D]``) is the set whose mean ``center`` subtracts.
+    ``space(rows [n, D], langs [n])`` returns the transformed rows (fp32 for the running spaces, with the gradient
+    of ``rows``); ``batch`` (``[m, D]``) is the set whose mean ``center`` subtracts.
     """
+
+    name = "cosine"
+
+    def __init__(self, *, warmup_steps: int = 1, **_: Any) -> None:
+        self.warmup_steps = warmup_steps
+
+    @property
+    def running(self) -> bool:
+        """Whether the space keeps running statistics (staged by training forwards, committed after each step)."""
+        return False
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the contrastive term trains this step (False while running statistics warm up)."""
+        return True
+
+    def __call__(self, rows: Tensor, langs: Tensor | None = None, batch: Tensor | None = None) -> Tensor:
+        return rows
+
+    def stage(self, rows: Tensor, langs: Tensor, micro: int) -> None:
+        """Keep this training micro-batch's rows for :meth:`end_step` (no-op without statistics)."""
+
+    def end_step(self, group: Any = None) -> int:
+        """Add the staged rows of every rank to the statistics; returns the rows added."""
+        return 0
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        if state is not None:
+            raise ValueError("the checkpoint holds similarity statistics but this run's space keeps none")
+
+    def describe(self) -> str:
+        return self.name
+
+
+class CenterSpace(SimilaritySpace):
+    """``z = h - mean(batch)`` (gradient included): the former ``objective.center = batch``."""
+
+    name = "center"
+
+    def __call__(self, rows: Tensor, langs: Tensor | None = None, batch: Tensor | None = None) -> Tensor:
+        ref = rows if batch is None else batch
+        return rows - ref.mean(0)
+
+
+class RunningSpace(SimilaritySpace):
+    """A space ``z = (h - mu) W`` from running statistics (:class:`RunningMoments`), optionally per language.
+
+    Subclasses choose the moments (``full``: the covariance or only its diagonal) and :meth:`matrix`.
+    """
+
+    full = False
 
     def __init__(
         self,
-        name: str,
         *,
         per_language: bool = False,
         shrinkage: float = 0.5,
@@ -224,34 +289,24 @@ class SimilaritySpace:
         warmup_steps: int = 1,
         min_rows: int = 32,
     ) -> None:
-        self.name = name
+        super().__init__(warmup_steps=warmup_steps)
         self.per_language = per_language
         self.shrinkage = shrinkage
         self.eps = eps
-        self.warmup_steps = warmup_steps
         self.min_rows = min_rows
-        self.stats: RunningMoments | None = None
-        if name in RUNNING:
-            self.stats = RunningMoments(full=name == "whiten", per_language=per_language, decay=decay)
+        self.stats = RunningMoments(full=self.full, per_language=per_language, decay=decay)
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._cache_version = -1
 
     @property
     def running(self) -> bool:
-        return self.stats is not None
+        return True
 
     @property
     def trusted(self) -> bool:
-        """Whether the contrastive term trains this step (False while the running statistics warm up)."""
-        return self.stats is None or (self.stats.steps >= self.warmup_steps and ALL_LANGS in self.stats.count)
+        return self.stats.steps >= self.warmup_steps and ALL_LANGS in self.stats.count
 
     def __call__(self, rows: Tensor, langs: Tensor | None = None, batch: Tensor | None = None) -> Tensor:
-        if self.name == "cosine":
-            return rows
-        if self.name == "center":
-            ref = rows if batch is None else batch
-            return rows - ref.mean(0)
-        assert self.stats is not None
         if ALL_LANGS not in self.stats.count:
             return rows  # nothing seen yet (warm-up of the very first step): the term is weighted 0
         rows32 = rows.float()
@@ -265,7 +320,6 @@ class SimilaritySpace:
         return out
 
     def _row_keys(self, langs: Tensor) -> Tensor:
-        assert self.stats is not None
         trusted = [k for k in self.stats.keys() if k != ALL_LANGS and self.stats.count[k] >= self.min_rows]
         keys = langs.long().clone()
         if not trusted:
@@ -281,48 +335,38 @@ class SimilaritySpace:
     def transform(self, key: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """``(mean [D], W)`` of ``key``'s statistics, fp32 on ``device``: ``z = (h - mean) @ W`` (whiten, ``W [D, D]``)
         or ``(h - mean) * W`` (standardize, ``W [D]``). Cached until the statistics change."""
-        assert self.stats is not None
         if self._cache_version != self.stats.version:
             self._cache, self._cache_version = {}, self.stats.version
         if key not in self._cache:
             _, mean, cov = self.stats.moments(key)
-            mat = self._whitener(cov) if self.stats.full else self._inv_std(cov)
-            self._cache[key] = (mean.float(), mat.float())
+            self._cache[key] = (mean.float(), self.matrix(cov).float())
         mean, mat = self._cache[key]
         if mean.device != torch.device(device):
             mean, mat = mean.to(device), mat.to(device)
             self._cache[key] = (mean, mat)
         return mean, mat
 
+    def matrix(self, moments: Tensor) -> Tensor:
+        """``W`` from the second central moments (``[D, D]`` covariance when ``full``, else ``[D]`` variances)."""
+        raise NotImplementedError
+
     def _inv_std(self, var: Tensor) -> Tensor:
         var = var.clamp(min=0.0)
         return (var + self.eps * var.mean().clamp(min=1e-12)).rsqrt()
 
-    def _whitener(self, cov: Tensor) -> Tensor:
-        inv_s = self._inv_std(cov.diagonal())
-        corr = cov * inv_s[:, None] * inv_s[None, :]
-        shrunk = (1.0 - self.shrinkage) * corr + self.shrinkage * torch.eye(cov.shape[0], dtype=cov.dtype)
-        evals, evecs = torch.linalg.eigh(shrunk)
-        inv_sqrt = (evecs * evals.clamp(min=self.shrinkage * 1e-3).rsqrt()) @ evecs.T
-        return inv_s[:, None] * inv_sqrt  # diag(1/s) C^{-1/2}
-
     # -- training hooks -------------------------------------------------------------------------------------------
 
     def stage(self, rows: Tensor, langs: Tensor, micro: int) -> None:
-        if self.stats is not None and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             self.stats.stage(rows, langs, micro)
 
     def end_step(self, group: Any = None) -> int:
-        return self.stats.commit(group) if self.stats is not None else 0
+        return self.stats.commit(group)
 
     def state_dict(self) -> dict[str, Any] | None:
-        return None if self.stats is None else self.stats.state_dict()
+        return self.stats.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        if self.stats is None:
-            if state is not None:
-                raise ValueError("the checkpoint holds similarity statistics but this run's space keeps none")
-            return
         if state is None:
             raise ValueError(
                 f"the checkpoint holds no similarity statistics but this run uses objective.similarity={self.name!r}"
@@ -330,18 +374,48 @@ class SimilaritySpace:
         self.stats.load_state_dict(state)
 
     def describe(self) -> str:
-        if self.name in ("cosine", "center"):
-            return self.name
         lang = "per-language" if self.per_language else "all-language"
-        extra = f", shrinkage {self.shrinkage}" if self.name == "whiten" else ""
+        extra = f", shrinkage {self.shrinkage}" if self.full else ""
         return f"{self.name} ({lang} running statistics{extra}, warm-up {self.warmup_steps} steps)"
+
+
+class StandardizeSpace(RunningSpace):
+    """``z_d = (h_d - mu_d) / sqrt(var_d + eps * mean(var))`` (module docstring)."""
+
+    name = "standardize"
+
+    def matrix(self, moments: Tensor) -> Tensor:
+        return self._inv_std(moments)
+
+
+class WhitenSpace(RunningSpace):
+    """Shrunk ZCA whitening of the correlation (module docstring)."""
+
+    name = "whiten"
+    full = True
+
+    def matrix(self, moments: Tensor) -> Tensor:
+        cov = moments
+        inv_s = self._inv_std(cov.diagonal())
+        corr = cov * inv_s[:, None] * inv_s[None, :]
+        shrunk = (1.0 - self.shrinkage) * corr + self.shrinkage * torch.eye(cov.shape[0], dtype=cov.dtype)
+        evals, evecs = torch.linalg.eigh(shrunk)
+        inv_sqrt = (evecs * evals.clamp(min=self.shrinkage * 1e-3).rsqrt()) @ evecs.T
+        return inv_s[:, None] * inv_sqrt  # diag(1/s) C^{-1/2}
+
+
+SPACES: dict[str, type[SimilaritySpace]] = {
+    space.name: space for space in (SimilaritySpace, CenterSpace, StandardizeSpace, WhitenSpace)
+}
+"""The registry of spaces, by ``objective.similarity`` value (the values the config accepts)."""
+RUNNING = tuple(name for name, space in SPACES.items() if issubclass(space, RunningSpace))
 
 
 def build_space(cfg: ObjectiveConfig) -> SimilaritySpace:
     """The space of ``cfg.similarity`` (``cfg.center = 'batch'`` is the legacy spelling of ``center``)."""
     name = "center" if cfg.center == "batch" else cfg.similarity
     if name not in SPACES:
-        raise ConfigError(f"objective.similarity={name!r} is not one of {SPACES}")
+        raise ConfigError(f"objective.similarity={name!r} is not one of {tuple(SPACES)}")
     if cfg.center == "batch" and cfg.similarity not in ("cosine", "center"):
         raise ConfigError(
             f"objective.center='batch' and objective.similarity={cfg.similarity!r} both choose the similarity space: "
@@ -358,8 +432,9 @@ def build_space(cfg: ObjectiveConfig) -> SimilaritySpace:
             "objective.similarity=whiten needs similarity_shrinkage > 0 (an unshrunk ZCA of a few "
             "hundred rows in D dimensions is singular)"
         )
-    return SimilaritySpace(
-        name,
+    if name not in RUNNING:
+        return SPACES[name](warmup_steps=cfg.similarity_warmup_steps)
+    return SPACES[name](
         per_language=cfg.similarity_per_language,
         shrinkage=cfg.similarity_shrinkage,
         decay=cfg.similarity_decay,

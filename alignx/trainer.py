@@ -77,7 +77,7 @@ import torch
 import alignx.model
 from alignx.checkpoint_state import client_state, data_order_problem, restore_alignment, restore_negatives
 from alignx.config import Config, ConfigError, save_config
-from alignx.data import Collator, PackedCollator, batch_tokens, micro_batches, prepare_stage1, prepare_stage2
+from alignx.data import batch_tokens, micro_batches
 from alignx.dist import all_gather_objects, any_rank, broadcast_from_rank0
 from alignx.engine import (
     DistInfo,
@@ -94,7 +94,7 @@ from alignx.layout import export_dir, stage_dir
 from alignx.metrics import MetricsLogger, MetricWindow, format_table
 from alignx.model import AlignXModel
 from alignx.monitor import InertAlignmentMonitor
-from alignx.recipes import data_hooks
+from alignx.recipes import stage_recipe
 from alignx.similarity import build_space
 
 __all__ = ["RunResult", "Trainer", "TrainingError"]
@@ -170,9 +170,8 @@ class Trainer:
         self.dist: DistInfo | None = None
         self._bar: Any = None
 
-        # A recipe's own records, columns, collator and batch order (alignx.recipes; None = the shared pipeline).
-        self.recipe = data_hooks(cfg)
-        self._order_rows: Any = None
+        # The stage's records, columns, collator, batch order and unused terms (alignx.recipes.Recipe).
+        self.recipe = stage_recipe(cfg, stage)
         self._direction_strata: list[tuple[int, int]] | None = None
         self._align_probe: dict[str, Any] | None = None  # model.align_layer=auto: the measurement
         self._monitor = InertAlignmentMonitor(
@@ -293,11 +292,8 @@ class Trainer:
         return result if self.dist.is_main else fn()
 
     def _prepare_data(self, tokenizer: Any) -> Any:
-        prepare = prepare_stage1 if self.stage == 1 else prepare_stage2
-        if self.recipe is not None:
-            prepare = self.recipe.prepare
         assert self.dist is not None
-        return prepare(
+        return self.recipe.prepare(
             self.cfg,
             tokenizer,
             train_file=self.cfg.data.train_file,
@@ -379,11 +375,7 @@ class Trainer:
         )
 
     def _collator(self, tokenizer: Any) -> Any:
-        if self.recipe is not None and self.recipe.collator is not None:
-            return self.recipe.collator(tokenizer, self.cfg)
-        if self.cfg.data.packing:
-            return PackedCollator()
-        return Collator(tokenizer, padding_side=self.cfg.data.padding_side, pad_to_multiple_of=8)
+        return self.recipe.collator(tokenizer, self.cfg)
 
     def _resume(self, engine: Engine, plan: Plan, tag: str | None) -> int:
         """Load the checkpoint (model, optimizer, schedule, RNG) and return the step to continue from."""
@@ -413,7 +405,7 @@ class Trainer:
         """The direction of every record for ``data.batching=direction`` (None = mixed batches)."""
         if self.cfg.data.batching != "direction":
             return None
-        if self.recipe is not None and self.recipe.micro_batches is not None:
+        if self.recipe.own_batch_order:
             raise ConfigError(
                 f"data.batching=direction: objective.kind={self.cfg.objective.kind!r} orders its own batches "
                 "(language-balanced); use data.batching=mixed"
@@ -422,16 +414,12 @@ class Trainer:
             raise ConfigError("data.batching=direction needs src_lang and tgt_lang on every record (stage 1 data)")
         return list(zip(rows["src_lang"], rows["tgt_lang"]))
 
-    def _micro_batches(self, lengths: list[int], epoch: int, plan: Plan) -> list[list[int]]:
+    def _micro_batches(self, rows: Any, epoch: int, plan: Plan) -> list[list[int]]:
+        """This rank's micro-batches of ``epoch`` over the prepared training ``rows`` (the recipe's order)."""
         assert self.dist is not None
-        extra: dict[str, Any] = {}
-        order = micro_batches
-        if self.recipe is not None and self.recipe.micro_batches is not None:  # e.g. clmap: language-balanced
-            order, lengths = self.recipe.micro_batches, self._order_rows
-        elif self._direction_strata is not None:
-            extra["strata"] = self._direction_strata
-        return order(
-            lengths,
+        extra = {"strata": self._direction_strata} if self._direction_strata is not None else {}
+        return self.recipe.micro_batches(
+            rows,
             self.cfg.train.micro_batch_size,
             world_size=self.dist.world_size,
             rank=self.dist.rank,
@@ -458,27 +446,21 @@ class Trainer:
         assert self.dist is not None
         t = self.cfg.train
         train = data.train.select_columns(self._row_columns())
-        lengths = list(data.train["length"])
-        self._order_rows = data.train
         self._direction_strata = self._strata(data.train) if self.stage == 1 else None
         epoch_batches: tuple[int, list[list[int]]] | None = None
         window = MetricWindow(self._unused_terms())
         history: dict[str, Any] = {"interrupted": False, "step": start, "train": [], "eval": [], "start": start}
         engine.train()
         self._bar = tqdm(
-            total=plan.total_steps,
-            initial=start,
-            desc=f"stage {self.stage}",
-            unit="step",
-            disable=not self.dist.is_main,
-            dynamic_ncols=True,
-        )
+            total=plan.total_steps, initial=start, desc=f"stage {self.stage}", unit="step",
+            disable=not self.dist.is_main, dynamic_ncols=True,
+        )  # fmt: skip
         t0 = time.time()
         try:
             for step in range(start, plan.total_steps):
                 epoch, in_epoch = divmod(step, plan.steps_per_epoch)
                 if epoch_batches is None or epoch_batches[0] != epoch:
-                    epoch_batches = (epoch, self._micro_batches(lengths, epoch, plan))
+                    epoch_batches = (epoch, self._micro_batches(data.train, epoch, plan))
                 micro = epoch_batches[1][in_epoch * plan.grad_accum : (in_epoch + 1) * plan.grad_accum]
                 window.lr.append(engine.lr)
                 self._train_step(engine, train, micro, collate, window, step)
@@ -488,15 +470,7 @@ class Trainer:
                 self._bar.update(1)
 
                 if done % t.log_every == 0 or done == plan.total_steps:
-                    steps_logged = window.steps
-                    row = window.reduce(self.dist, engine)
-                    warning = self._monitor.update(row, steps_logged)
-                    if warning is not None:
-                        row["train/inert_warning"] = 1.0
-                        self._say(warning)
-                    metrics.log(done, row)
-                    history["train"].append((done, row))
-                    self._bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}")
+                    history["train"].append((done, self._log_window(window, engine, metrics, done)))
                 paused = time.time()  # evaluation and checkpoints do not count in tokens/s
                 if (
                     data.eval is not None
@@ -507,19 +481,39 @@ class Trainer:
                     metrics.log(done, row)
                     history["eval"].append((done, row))
                     self._say(f"[eval] stage {self.stage} step {done}: loss {row['eval/loss']:.4f}")
-                if self._stop_requested(sigterm):
-                    self._checkpoint(engine, plan, done)
-                    self._say(f"[train] SIGTERM: checkpoint written at step {done}; continue with --resume auto")
-                    history["interrupted"] = True
+                history["interrupted"] = self._save_or_stop(engine, plan, done, sigterm)
+                if history["interrupted"]:
                     break
-                if done == plan.total_steps or (t.save_every > 0 and done % t.save_every == 0):
-                    self._checkpoint(engine, plan, done)
                 window.t0 += time.time() - paused
         finally:
             self._bar.close()
             self._bar = None
         history["seconds"] = time.time() - t0
         return history
+
+    def _save_or_stop(self, engine: Engine, plan: Plan, done: int, sigterm: _Sigterm) -> bool:
+        """Checkpoint where ``train.save_every`` and the last step ask for one, or at once on SIGTERM; True = stop."""
+        if self._stop_requested(sigterm):
+            self._checkpoint(engine, plan, done)
+            self._say(f"[train] SIGTERM: checkpoint written at step {done}; continue with --resume auto")
+            return True
+        every = self.cfg.train.save_every
+        if done == plan.total_steps or (every > 0 and done % every == 0):
+            self._checkpoint(engine, plan, done)
+        return False
+
+    def _log_window(self, window: MetricWindow, engine: Engine, metrics: MetricsLogger, done: int) -> dict[str, float]:
+        """Reduce the metric window over the ranks, log it (with the inert-alignment warning, once) and return it."""
+        assert self.dist is not None
+        steps_logged = window.steps
+        row = window.reduce(self.dist, engine)
+        warning = self._monitor.update(row, steps_logged)
+        if warning is not None:
+            row["train/inert_warning"] = 1.0
+            self._say(warning)
+        metrics.log(done, row)
+        self._bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}")
+        return row
 
     def _train_step(
         self, engine: Engine, train: Any, micro: list[list[int]], collate: Any, window: MetricWindow, step: int
@@ -533,22 +527,20 @@ class Trainer:
             engine.backward(out["loss"])
             engine.step()
             window.add(out, *batch_tokens(batch))
-            window.add_diagnostics(getattr(engine.module, "diagnostics", {}))
+            window.add_diagnostics(engine.module.diagnostics)
         # The step's gathered embeddings enter the negatives queue now, after the update (a no-op without a queue).
         engine.module.end_step(step + 1)
-        window.candidates.append(engine.module.objective.last_candidates)
+        window.candidates.append(engine.module.candidates)
         window.steps += 1
         norm = engine.grad_norm
         if norm is not None:
             window.grad_norm.append(norm)
 
     def _row_columns(self) -> list[str]:
-        return ROW_COLUMNS + list(self.recipe.extra_columns) if self.recipe is not None else ROW_COLUMNS
+        return ROW_COLUMNS + list(self.recipe.extra_columns)
 
     def _unused_terms(self) -> tuple[str, ...]:
-        if self.recipe is not None:
-            return self.recipe.unused_terms
-        return ("ctr", "lam") if self.cfg.objective.kind == "ntp" else ()
+        return self.recipe.unused_terms
 
     def _check_finite(self, engine: Engine, window: MetricWindow, step: int) -> None:
         """Stop on a non-finite gradient norm (the same value on every rank, so all ranks stop together).
@@ -593,7 +585,7 @@ class Trainer:
             cols = ds[idx]
             batch = collate([dict(zip(cols, values)) for values in zip(*cols.values())])
             window.add(engine(batch), *batch_tokens(batch))
-            window.add_diagnostics(getattr(engine.module, "diagnostics", {}))
+            window.add_diagnostics(engine.module.diagnostics)
         engine.train()
         row = window.reduce(self.dist, None, prefix="eval")
         for key in ("tokens_per_s", "positions_per_step", "padding_fraction"):

@@ -40,7 +40,9 @@ Options: ``softcap`` (Gemma 2's ``final_logit_softcapping``), ``logit_scale`` (C
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import cache
+from typing import Any
 
 import torch
 import triton
@@ -62,9 +64,11 @@ from .reference import linear_cross_entropy_ref
 from .span_pool import _round_bf16_rtne
 
 __all__ = [
+    "CE_CHUNK_ELEMENTS",
     "DEFAULT_CHUNK_BYTES",
     "TRITON_CHUNK_BYTES",
     "aot_specs",
+    "cross_entropy_sum",
     "lce_fwd",
     "lce_fwd_with_grads",
     "linear_cross_entropy",
@@ -830,3 +834,84 @@ def aot_specs(d: int = 4096, dtype: torch.dtype = torch.bfloat16) -> list[AOTSpe
         )
     )
     return specs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same loss from logits that already exist (a head the fused op does not know, or a caller that needs them)
+
+CE_CHUNK_ELEMENTS = 1 << 26
+"""Logit elements (B x T x V) per chunk of :func:`cross_entropy_sum`: 2^26 fp32 = 256 MiB of temporaries, about one
+512-token row of a 128k vocabulary."""
+
+
+def _chunks(b: int, t: int, v: int, chunk_elements: int) -> Iterator[tuple[slice, slice]]:
+    """``(rows, positions)`` slices covering ``[b, t]`` with at most ``chunk_elements`` logits each (about: a row
+    longer than the budget is cut along time, at least one position per chunk)."""
+    rows = max(1, chunk_elements // max(1, t * v))
+    span = t if t * v <= chunk_elements else max(1, chunk_elements // max(1, v))
+    for r0 in range(0, b, rows):
+        for t0 in range(0, t, span):
+            yield slice(r0, r0 + rows), slice(t0, t0 + span)
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """``sum_(b,t) [logsumexp(logits[b, t]) - logits[b, t, target[b, t]]]`` over ``target != IGNORE_INDEX``.
+
+    fp32 maths on chunks of at most ``chunk_elements`` logits. Forward keeps only the ``[B, T]`` fp32 log-sum-exps;
+    backward writes ``g * (softmax - onehot)`` chunk by chunk into ONE gradient of the logits' shape and dtype (0 at
+    ignored positions, also where those logits are not finite). Peak memory on top of the logits: that gradient plus
+    one fp32 chunk, where autograd through slices and ``logsumexp`` would hold several logits-sized buffers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+        b, t, v = logits.shape
+        lse = torch.empty((b, t), dtype=torch.float32, device=logits.device)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for rs, ts in _chunks(b, t, v, chunk_elements):
+            x, tgt = logits[rs, ts].float(), target[rs, ts]
+            m = torch.logsumexp(x, dim=-1)
+            lse[rs, ts] = m
+            picked = x.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            # where, not multiply: a non-finite logit at an ignored (padding) position must not leak into the sum.
+            total += torch.where(tgt != IGNORE_INDEX, m - picked, torch.zeros_like(m)).sum()
+        ctx.save_for_backward(logits, target, lse)
+        ctx.chunk_elements = chunk_elements
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, target, lse = ctx.saved_tensors
+        b, t, v = logits.shape
+        chunks = list(_chunks(b, t, v, ctx.chunk_elements))
+        grad: torch.Tensor | None = None
+        for rs, ts in chunks:
+            tgt = target[rs, ts]
+            valid = (tgt != IGNORE_INDEX).unsqueeze(-1)
+            # Every op in place on the one fp32 chunk p: softmax, minus one-hot, times g, 0 where not counted.
+            p = torch.sub(logits[rs, ts].float(), lse[rs, ts].unsqueeze(-1)).exp_()
+            p.scatter_add_(-1, tgt.clamp(min=0).unsqueeze(-1), -valid.to(p.dtype))
+            p.mul_(grad_out.float()).masked_fill_(~valid, 0.0)
+            if len(chunks) == 1 and p.dtype == logits.dtype:
+                return p, None, None  # one fp32 chunk: it is the gradient
+            if grad is None:
+                grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+            grad[rs, ts] = p
+        return grad, None, None
+
+
+def cross_entropy_sum(
+    logits: torch.Tensor, target: torch.Tensor, *, chunk_elements: int = CE_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """``sum_(b,t) [logsumexp(logits[b, t]) - logits[b, t, target[b, t]]]`` over ``target != IGNORE_INDEX``: 0-dim fp32.
+
+    ``logits [B, T, V]`` (any float dtype; the maths is fp32 on chunks of at most ``chunk_elements`` logits),
+    ``target [B, T]`` int64 (already aligned with the logits: no shift here). The backward writes one gradient of the
+    logits' shape and dtype, 0 at ignored positions even where those logits are not finite (:class:`_CrossEntropySum`).
+    """
+    if logits.dim() != 3 or target.shape != logits.shape[:2]:
+        raise ValueError(
+            f"logits must be [B, T, V] and target [B, T], got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    return _CrossEntropySum.apply(logits, target, chunk_elements)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from alignx.config import Config, ConfigError, load_config
 from alignx.model import AlignXModel
-from alignx.objective import RECIPE_OBJECTIVES, AlignXObjective, build_objective
-from alignx.recipes import RECIPES, data_hooks, get_recipe, recipe_config_path
+from alignx.objective import AlignXObjective
+from alignx.recipes import RECIPE_OBJECTIVES, RECIPES, build_objective, data_hooks, get_recipe, recipe_config_path
 from alignx.recipes.afp import CLM_WEIGHT, AFPObjective
 from alignx.recipes.clmap import CLMapObjective
 from alignx.testing import tiny_causal_lm

@@ -1,7 +1,9 @@
 """The method family in one trainer: AlignX, its two relatives and the fine-tuning baselines, as recipes.
 
-A recipe is a configuration (``configs/recipes/<name>.yaml``) plus, at most, one small objective class and its
-data format; every recipe runs on the same trainer, engine, data pipeline and evaluation. The registry:
+A recipe is a configuration (``configs/recipes/<name>.yaml``) plus one :class:`Recipe` entry
+(:mod:`alignx.recipes.base`): its objective class, record preparation, columns, collator, batch order and unused
+terms, each defaulting to the shared AlignX pipeline. Every recipe runs on the same trainer, engine, data pipeline and
+evaluation. The registry (:data:`RECIPES`, the one place a recipe is listed):
 
 ===========  =========================================================================  ==============  ========
 recipe       stage 1 (what the model is continued-trained on)                           objective.kind  stage 2
@@ -17,100 +19,51 @@ recipe       stage 1 (what the model is continued-trained on)                   
 
 Stage 2 is the same instruction fine-tuning for every recipe (:func:`alignx.schedule.stage_config`).
 
-The trainer asks this package, through :func:`data_hooks`, how a stage's records are prepared, which columns a
-row carries, how rows are collated and in which order they are batched; ``None`` (kinds ``alignx`` and ``ntp``,
-and every stage 2) means the shared AlignX pipeline (:mod:`alignx.data`). :mod:`alignx.objective` maps
-``objective.kind`` to the objective class (:data:`alignx.objective.RECIPE_OBJECTIVES`).
+The trainer asks :func:`stage_recipe` for the recipe of a stage (stage 1: the one of ``objective.kind``; stage 2:
+:data:`alignx.recipes.base.SFT`) and uses its fields without branching; the model builds its objective with
+:func:`build_objective`; the config accepts exactly the kinds of the registry (:data:`KINDS`).
+
+Adding a recipe: one module defining ``RECIPE = Recipe(...)`` (and its objective class, if it has its own) and its
+entry in :data:`RECIPES`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alignx.recipes import afp, clmap
-from alignx.recipes.hooks import DataHooks
+from alignx.recipes.base import ALIGNX, CPT_SFT, SFT, Recipe, RecipeError
 
 if TYPE_CHECKING:
-    from alignx.config import Config
+    from alignx.config import Config, ObjectiveConfig
+    from alignx.objective import AlignXObjective
 
 __all__ = [
+    "KINDS",
     "RECIPES",
-    "DataHooks",
+    "RECIPE_OBJECTIVES",
     "Recipe",
     "RecipeError",
+    "build_objective",
     "data_hooks",
     "get_recipe",
     "recipe_config_path",
+    "recipe_of_kind",
+    "stage_recipe",
 ]
 
+RECIPES: dict[str, Recipe] = {r.name: r for r in (ALIGNX, afp.RECIPE, clmap.RECIPE, CPT_SFT, SFT)}
+"""Every recipe, by name: the registry."""
 
-class RecipeError(ValueError):
-    """An unknown recipe or a recipe that cannot run with what it was given."""
+_BY_KIND: dict[str, Recipe] = {r.kind: r for r in RECIPES.values() if r.kind is not None}
+KINDS: tuple[str, ...] = tuple(_BY_KIND)
+"""The ``objective.kind`` values (one per recipe with a stage 1), in registry order."""
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """One entry of the registry.
-
-    Attributes:
-        name: the recipe's name (``alignx compare --recipes``) and the stem of its config file.
-        title: one line for reports.
-        reference: where the method comes from.
-        stage1: which stage-1 records it trains on: ``"pairs"`` (``alignx data build``'s stage-1 translation
-            instructions), ``"afp"`` (:func:`alignx.recipes.afp.build_records`), ``"clmap"``
-            (:func:`alignx.recipes.clmap.build_records`), or None (no stage 1).
-        kind: ``objective.kind`` of its stage 1 (None without stage 1).
-    """
-
-    name: str
-    title: str
-    reference: str
-    stage1: str | None
-    kind: str | None
-
-    @property
-    def stages(self) -> str:
-        """The ``--stage`` argument of the trainer: ``"all"`` (stage 1 then 2) or ``"2"``."""
-        return "all" if self.stage1 is not None else "2"
-
-
-RECIPES: dict[str, Recipe] = {
-    r.name: r
-    for r in (
-        Recipe(
-            "alignx",
-            "AlignX: NTP + contrastive (mid layer, tau 0.1) + language matching, then SFT",
-            "Bu et al., EMNLP 2025 (arXiv 2509.24338)",
-            "pairs",
-            "alignx",
-        ),
-        Recipe(
-            "afp",
-            "AFP: InfoNCE on separately encoded pairs (tau 0.05) + 1.5 x CLM on cross-lingual instructions, then SFT",
-            "Li et al., NAACL 2024 (arXiv 2311.08089)",
-            "afp",
-            "afp",
-        ),
-        Recipe(
-            "clmap",
-            "Cross-lingual mapping CPT (src->tgt both ways) + monolingual NTP, balanced batches, then SFT",
-            "Zheng et al. (arXiv 2604.10590)",
-            "clmap",
-            "clmap",
-        ),
-        Recipe(
-            "cpt_sft",
-            "CPT-then-SFT: the AlignX stage-1 text with plain NTP (lambda_ctr = lambda_lam = 0), then SFT",
-            "baseline",
-            "pairs",
-            "ntp",
-        ),
-        Recipe("sft", "SFT only: stage 2 from the base model", "baseline", None, None),
-    )
+RECIPE_OBJECTIVES: dict[str, type[AlignXObjective]] = {
+    k: r.objective for k, r in _BY_KIND.items() if r.objective is not ALIGNX.objective
 }
-"""Every recipe, by name."""
+"""Kinds whose recipe brings its own objective class (the others use :class:`alignx.objective.AlignXObjective`)."""
 
 
 def get_recipe(name: str) -> Recipe:
@@ -118,6 +71,31 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise RecipeError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def recipe_of_kind(kind: str) -> Recipe:
+    """The recipe whose stage 1 is ``objective.kind = kind``."""
+    if kind not in _BY_KIND:
+        raise RecipeError(f"unknown objective.kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    return _BY_KIND[kind]
+
+
+def stage_recipe(cfg: Config, stage: int) -> Recipe:
+    """What the trainer runs in ``stage``: the recipe of ``cfg.objective.kind`` (stage 1) or the shared
+    instruction fine-tuning of every recipe (stage 2)."""
+    return recipe_of_kind(cfg.objective.kind) if stage == 1 else SFT
+
+
+def build_objective(cfg: ObjectiveConfig, *, min_target_tokens: int = 3) -> AlignXObjective:
+    """The objective of ``cfg.kind``: the class of its recipe (:class:`AlignXObjective` or a recipe's own)."""
+    return recipe_of_kind(cfg.kind).objective(cfg, min_target_tokens=min_target_tokens)
+
+
+def data_hooks(cfg: Config) -> Recipe | None:
+    """The recipe of ``cfg.objective.kind`` when it prepares its own stage-1 records, else None (the shared
+    AlignX pipeline: kinds ``alignx`` and ``ntp``)."""
+    recipe = recipe_of_kind(cfg.objective.kind)
+    return recipe if recipe.prepare is not ALIGNX.prepare else None
 
 
 def recipe_config_path(name: str, root: str | Path | None = None) -> Path:
@@ -128,17 +106,3 @@ def recipe_config_path(name: str, root: str | Path | None = None) -> Path:
     if not path.is_file():
         raise RecipeError(f"the config of recipe {name!r} is missing: {path}")
     return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# What the trainer asks
-
-
-def data_hooks(cfg: Config) -> DataHooks | None:
-    """The data hooks of ``cfg.objective.kind`` (None = the shared AlignX pipeline: kinds ``alignx`` and ``ntp``)."""
-    kind = cfg.objective.kind
-    if kind == "afp":
-        return afp.DATA_HOOKS
-    if kind == "clmap":
-        return clmap.DATA_HOOKS
-    return None

@@ -50,16 +50,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from alignx.config import ConfigError
 from alignx.constants import SOURCE_SPAN as SOURCE
 from alignx.constants import TARGET_SPAN as TARGET
 from alignx.data import Collator
-from alignx.dist import all_gather_rows, gather_sizes, global_mean_scale, is_distributed
+from alignx.decoder import find_decoder_parts, first_output, layer_module
+from alignx.dist import all_gather_rows, global_share, is_distributed
+from alignx.errors import ConfigError
 from alignx.languages import lang_id, lang_name
-from alignx.model import find_decoder_parts
 from alignx.objective import AlignXObjective, NTPInput, kernel_op, lm_loss_sum
+from alignx.recipes.base import Recipe
 from alignx.recipes.data import Segment, SegmentTokenizer, labels_for, prepare_records
-from alignx.recipes.hooks import DataHooks
 
 if TYPE_CHECKING:
     from torch import nn
@@ -69,8 +69,8 @@ if TYPE_CHECKING:
     from alignx.data.sources import Unit
 
 __all__ = [
+    "RECIPE",
     "CLM_WEIGHT",
-    "DATA_HOOKS",
     "DROP_REASONS",
     "AFPCollator",
     "AFPObjective",
@@ -254,9 +254,6 @@ def _collator(tokenizer: Any, cfg: Config) -> AFPCollator:
     return AFPCollator(tokenizer, cfg)
 
 
-DATA_HOOKS = DataHooks(prepare=prepare, extra_columns=PAIR_COLUMNS, collator=_collator, unused_terms=("lam",))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The objective
 
@@ -265,15 +262,11 @@ def encode_layer(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, layer
     """``[B, T, D]`` output of decoder block ``layer`` (1-based, HF ``hidden_states[layer]``; ``layer = N`` is the
     final-norm output) for a separate forward of the decoder body on ``input_ids`` (no LM head: its logits are not
     needed). The state is captured by a forward hook that exists only during this call."""
-    layers, norm = find_decoder_parts(lm)
-    n = len(layers)
-    if not 1 <= layer <= n:
-        raise ValueError(f"layer={layer} is outside 1..{n}")
-    module = layers[layer - 1] if layer < n else norm
+    module = layer_module(*find_decoder_parts(lm), layer)
     captured: dict[str, Tensor] = {}
 
     def keep(mod: nn.Module, args: Any, output: Any) -> None:
-        captured.setdefault("h", output[0] if isinstance(output, (tuple, list)) else output)
+        captured.setdefault("h", first_output(output))
 
     body = lm.get_decoder() if callable(getattr(lm, "get_decoder", None)) else None
     handle = module.register_forward_hook(keep)
@@ -337,11 +330,7 @@ class AFPObjective(AlignXObjective):
         valid = (counts[:b] > 0) & (counts[b:] > 0)
         kept = valid.nonzero().squeeze(1)
         z0, z1 = pooled[:b][kept], pooled[b:][kept]
-        if self.cfg.negatives == "global":
-            clm, ctr = self._global_terms(clm_logits, labels, z0, z1)
-        else:
-            clm = self.ntp_loss(clm_logits, labels)
-            ctr = self.contrastive_loss(z0, z1)
+        clm, ctr = self._clm_and_contrastive(clm_logits, labels, z0, z1)
         # Every pooled state stays in the graph, so every rank's backward reaches the same parameters.
         ctr = ctr + pooled.sum() * 0.0
         loss = self.cfg.lambda_ctr * ctr + self.clm_weight * clm
@@ -355,32 +344,23 @@ class AFPObjective(AlignXObjective):
             "rows_dropped": torch.tensor(b - int(kept.numel()), device=labels.device),
         }
 
-    def _global_terms(self, logits: NTPInput, labels: Tensor, z0: Tensor, z1: Tensor) -> tuple[Tensor, Tensor]:
-        """``(L_CLM, L_CL)`` with the micro-step's batch over all ``W`` ranks as the unit (AFP's all-gather).
+    def _clm_and_contrastive(self, logits: NTPInput, labels: Tensor, z0: Tensor, z1: Tensor) -> tuple[Tensor, Tensor]:
+        """``(L_CLM, L_CL)`` with the micro-step's batch over all ``W`` ranks as the unit (AFP's all-gather;
+        ``negatives='local'``: this process alone), through the objective's one contrastive path.
 
-        With ``N`` kept pairs and ``K`` counted tokens over all ranks, this rank returns
-        ``L_CLM_r = (W / K) * (sum of its token losses)`` and
-        ``L_CL_r = ctr_scale * (W / N) * sum over its anchors z0(b) of InfoNCE(z0(b), {z1 of all ranks})``, so
-        DeepSpeed's average over ranks is the global token mean and the global anchor mean
-        (:func:`alignx.dist.global_mean_scale`); the gathered ``z1`` carry gradients back to their ranks. Every rank
+        With ``N`` kept pairs and ``K`` counted tokens over all ranks, this rank's terms average, over the ranks, to
+        the global token mean and the global anchor mean of ``InfoNCE(z0(b), {z1 of all ranks})``
+        (:func:`alignx.dist.global_share`); the gathered ``z1`` carry gradients back to their ranks. Every rank
         makes the same collectives whatever its row count.
         """
         clm_sum, n_tokens = lm_loss_sum(logits, labels)
-        sizes = gather_sizes([z0.shape[0], int(n_tokens)], device=logits.device, group=self.group)
-        clm = clm_sum * global_mean_scale(sizes, column=1)
+        sizes = self._sizes([z0.shape[0], int(n_tokens)], labels.device)
+        clm = clm_sum / n_tokens.clamp(min=1).float() * global_share(sizes, column=1)
         gathered = all_gather_rows(torch.cat([z0, z1], dim=1), sizes, group=self.group)  # [N, 2D], rank order
         x_all, y_all = gathered.split(z0.shape[1], dim=1)
-        self.last_candidates = sizes.total
-        total = gathered.sum() * 0.0
-        if sizes.total > 1 and z0.shape[0] > 0:
-            info_nce = kernel_op("info_nce")
-            positive = sizes.offset + torch.arange(z0.shape[0], device=z0.device)
-            tau, backend = self.cfg.temperature, self.cfg.kernel_backend
-            nce = info_nce(z0, y_all, positive, tau, reduction="sum", backend=backend).float()
-            if self.cfg.symmetric:
-                nce = 0.5 * (nce + info_nce(z1, x_all, positive, tau, reduction="sum", backend=backend).float())
-            total = total + nce
-        return clm, self.cfg.ctr_scale * global_mean_scale(sizes) * total
+        self._stage(z0, z1, None, None)
+        ctr = self._global_contrastive(z0, z1, x_all, y_all, None, sizes, z0.dtype)
+        return clm, ctr + gathered.sum() * 0.0
 
     def forward_model(
         self,
@@ -475,3 +455,17 @@ def build_records(
             )
     rng.shuffle(out)
     return out
+
+
+RECIPE = Recipe(
+    "afp",
+    "AFP: InfoNCE on separately encoded pairs (tau 0.05) + 1.5 x CLM on cross-lingual instructions, then SFT",
+    "Li et al., NAACL 2024 (arXiv 2311.08089)",
+    kind="afp",
+    stage1="afp",
+    objective=AFPObjective,
+    prepare=prepare,
+    collator=_collator,
+    extra_columns=PAIR_COLUMNS,
+    unused_terms=("lam",),
+)

@@ -40,8 +40,8 @@ import torch
 
 from alignx.languages import lang_id, lang_name
 from alignx.objective import AlignXObjective
+from alignx.recipes.base import Recipe
 from alignx.recipes.data import Segment, SegmentTokenizer, labels_for, prepare_records
-from alignx.recipes.hooks import DataHooks
 
 if TYPE_CHECKING:
     from alignx.config import Config
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from alignx.data.sources import Unit
 
 __all__ = [
-    "DATA_HOOKS",
+    "RECIPE",
     "DROP_REASONS",
     "CLMapObjective",
     "balanced_micro_batches",
@@ -244,9 +244,6 @@ def balanced_micro_batches(
     return [order[k * m : (k + 1) * m] for k in range(rank, len(order) // m, world_size)]
 
 
-DATA_HOOKS = DataHooks(prepare=prepare, micro_batches=balanced_micro_batches, unused_terms=("ctr", "lam"))
-
-
 class CLMapObjective(AlignXObjective):
     """Next-token prediction over the counted labels (the module docstring's ``L``): the shared objective's NTP
     term alone, registered under ``objective.kind = "clmap"``."""
@@ -295,3 +292,17 @@ def build_records(
     out = mapping + mono
     rng.shuffle(out)
     return out
+
+
+RECIPE = Recipe(
+    "clmap",
+    "Cross-lingual mapping CPT (src->tgt both ways) + monolingual NTP, balanced batches, then SFT",
+    "Zheng et al. (arXiv 2604.10590)",
+    kind="clmap",
+    stage1="clmap",
+    objective=CLMapObjective,
+    prepare=prepare,
+    micro_batches=balanced_micro_batches,
+    own_batch_order=True,
+    unused_terms=("ctr", "lam"),
+)
