@@ -22,7 +22,10 @@ from benchmarks import (  # noqa: E402
     bench_linear_ce,
     bench_span_pool,
     bench_step,
+    claims,
+    memory,
     report,
+    results,
 )
 
 COMMON = ["--tiny", "--no-memory", "--skip-compile", "--threads", "1"]
@@ -77,13 +80,13 @@ def test_memory_method_sees_a_known_peak() -> None:
     """Fresh process + MALLOC_MMAP_THRESHOLD_ + clear_refs: two live 64 MiB tensors and a 64 MiB gradient (which is
     subtracted) must read as 128 MiB of extra memory."""
     nbytes = 64 << 20
-    res = harness.run_subprocess_job(
-        "benchmarks.harness", "calibration_job", {"nbytes": nbytes}, timeout=120, memory_env=True, threads=1
+    res = memory.run_subprocess_job(
+        "benchmarks.memory", "calibration_job", {"nbytes": nbytes}, timeout=120, memory_env=True, threads=1
     )
     assert res["status"] == "ok", res
     # A wrong method is off by a whole 64 MiB tensor; the process's own allocations add up to about 6 MiB (measured).
     assert abs(res["bytes"] - 2 * nbytes) < 16 << 20, res
-    assert res["method"] == harness.METHOD_CPU
+    assert res["method"] == memory.METHOD_CPU
 
 
 def test_max_rel_err_and_upstream_grad() -> None:
@@ -98,23 +101,23 @@ def test_max_rel_err_and_upstream_grad() -> None:
         harness.max_rel_err([a], [torch.zeros(3)])
 
 
-def _row(provider: str, **kw) -> harness.Row:
-    return harness.Row(shape="s", provider=provider, mode="full", status="ok", **kw)
+def _row(provider: str, **kw) -> results.Row:
+    return results.Row(shape="s", provider=provider, mode="full", status="ok", **kw)
 
 
 def test_ratio_verdicts() -> None:
     rows = [_row("alignx", time_ms=1.0, extra_mem_mb=5.0), _row("dense", time_ms=2.0, extra_mem_mb=100.0)]
-    alignx, dense = harness.lookup(rows, "s", "alignx"), harness.lookup(rows, "s", "dense")
-    v = harness.ratio_verdict("mem", alignx, dense, "extra_mem_mb", at_most=0.1)
+    alignx, dense = claims.lookup(rows, "s", "alignx"), claims.lookup(rows, "s", "dense")
+    v = claims.ratio_verdict("mem", alignx, dense, "extra_mem_mb", at_most=0.1)
     assert (v.verdict, v.measured) == ("PASS", 0.05)
-    v = harness.ratio_verdict("speed", dense, alignx, "time_ms", at_least=50, why_if_miss="because")
+    v = claims.ratio_verdict("speed", dense, alignx, "time_ms", at_least=50, why_if_miss="because")
     assert (v.verdict, v.measured) == ("MISS", 2.0) and "because" in v.detail
-    assert harness.ratio_verdict("ctx", alignx, dense, "time_ms").verdict == "INFO"
-    skipped = harness.Row(shape="s", provider="x", mode="full", status="skipped", note="needs CUDA")
-    v = harness.ratio_verdict("gone", skipped, dense, "time_ms", at_most=1)
+    assert claims.ratio_verdict("ctx", alignx, dense, "time_ms").verdict == "INFO"
+    skipped = results.Row(shape="s", provider="x", mode="full", status="skipped", note="needs CUDA")
+    v = claims.ratio_verdict("gone", skipped, dense, "time_ms", at_most=1)
     assert v.verdict == "N/A" and "needs CUDA" in v.detail and v.measured is None
-    assert harness.ratio_verdict("none", None, dense, "time_ms", at_most=1).verdict == "N/A"
-    assert harness.value_verdict("roof", _row("t", roofline_frac=0.9), "roofline_frac", at_least=0.8).verdict == "PASS"
+    assert claims.ratio_verdict("none", None, dense, "time_ms", at_most=1).verdict == "N/A"
+    assert claims.value_verdict("roof", _row("t", roofline_frac=0.9), "roofline_frac", at_least=0.8).verdict == "PASS"
 
 
 @pytest.mark.parametrize("true_max,start,limit", [(1, 16, 512), (23, 16, 512), (100, 16, 512), (700, 16, 512),
