@@ -38,7 +38,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from typing import Any
 import torch
 
 from .claims import evaluate
-from .harness import quantiles
+from .harness import interleaved
 from .memory import MMAP_THRESHOLD, RESULT_TAG, cpu_extra_memory
 from .results import REPO, RESULTS_DIR, Row, run_info, say
 
@@ -155,19 +154,8 @@ def step_case(queue: int, spec: dict[str, Any], micro: int, seq: int) -> tuple[C
 def _time(cases: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, float]]:
     """Median / p20 / p80 of ``rounds`` calls of each case after one warm-up call each, the cases alternating round
     by round (a change of machine load hits all of them alike)."""
-    for run_once in cases.values():
-        run_once()  # warm-up: parameter gradients, kernels
-    samples: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(rounds):
-        for label, run_once in cases.items():
-            t0 = time.perf_counter()
-            run_once()
-            samples[label].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for label, values in samples.items():
-        t = quantiles(values)
-        out[label] = {"median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms}
-    return out
+    timings = interleaved(cases, rounds)
+    return {k: {"median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms} for k, t in timings.items()}
 
 
 def _extra_memory(run_once: Callable[[], Any], fresh_grads: list[torch.Tensor]) -> int:

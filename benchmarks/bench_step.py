@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from alignx.constants import IGNORE_INDEX
 
 from .claims import Verdict, append_verdicts, evaluate, print_verdicts
-from .harness import DTYPES, BenchOptions, Timing, TimingPolicy, quantiles, seeded, time_callable
+from .harness import DTYPES, BenchOptions, Timing, TimingPolicy, interleaved, seeded, time_callable
 from .memory import METHOD_CPU, cpu_extra_memory, cuda_extra_memory, run_subprocess_job
 from .results import RESULTS_DIR, Row, RunInfo, append_csv, run_info, say
 
@@ -336,17 +336,7 @@ def time_steps(steps: dict[str, Callable[[], Tensor]], device: str, rounds: int)
     """Step times. CPU: one warm-up each, then ``rounds`` rounds of one step per objective (interleaved)."""
     if device == "cuda":
         return {k: time_callable(fn, device) for k, fn in steps.items()}
-    samples: dict[str, list[float]] = {k: [] for k in steps}
-    import time
-
-    for fn in steps.values():
-        fn()
-    for _ in range(rounds):
-        for k, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: quantiles(v) for k, v in samples.items()}
+    return interleaved(steps, rounds)
 
 
 def run(spec: StepSpec, device: str, threads: int, out_dir: Any, info: RunInfo, *, rounds: int, memory: bool,

@@ -8,11 +8,12 @@ Vocabulary:
 - Modes: ``fwd`` (forward with autograd recording, as in training), ``bwd`` (backward of a recorded forward, with
   ``retain_graph``) and ``full`` (forward + backward). A non-scalar output is back-propagated with one seeded
   random upstream gradient, the same for every provider.
-- Time: the median with the 20th and 80th percentiles. On CUDA ``triton.testing.do_bench``; on CPU
-  ``time.perf_counter`` after a warm-up call, repeated until ``min_reps`` samples and a time budget are reached. For
-  slow calls the warm-up adds nothing but time: a first call longer than ``SLOW_S`` counts as a sample (it only
-  misses one-time costs that are negligible at that size), and a first call longer than ``VERY_SLOW_S`` is the only
-  sample. ``torch.compile`` providers always get an uncounted warm-up (it compiles). The sample count is recorded.
+- Time (:func:`time_callable`): median with the 20th and 80th percentiles. CUDA: ``triton.testing.do_bench``. CPU:
+  ``torch.utils.benchmark.Timer.blocked_autorange`` (its warm-up, block size and samples) for calls that fit the
+  budget many times over; for longer calls a bounded rule Timer does not have, because its warm-up and blocks
+  would multiply a call of seconds: a timed warm-up, then ``min_reps`` to ``max_reps`` samples within the budget; a
+  first call longer than ``SLOW_S`` counts as a sample, one longer than ``VERY_SLOW_S`` is the only one.
+  ``torch.compile`` providers always get an uncounted warm-up (it compiles). The sample count is recorded.
 - Memory (:mod:`benchmarks.memory`), measured apart from time, in a fresh process on CPU.
 - Roofline: a GEMM and a copy timed in the same run on the same device.
 - Claims (:mod:`benchmarks.claims`): the targets, one table, checked on the rows of the run.
@@ -30,7 +31,6 @@ import argparse
 import gc
 import importlib
 import importlib.util
-import math
 import os
 import re
 import sys
@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.benchmark import Measurement, Timer
 
 from .claims import append_verdicts, evaluate, print_verdicts
 from .memory import available_bytes, cpu_extra_memory, cuda_extra_memory, is_oom, run_subprocess_job, short_error
@@ -167,29 +168,35 @@ class Timing:
     p80_ms: float
     n: int
 
+    @classmethod
+    def of(cls, m: Measurement) -> Timing:
+        """A ``torch.utils.benchmark`` measurement: its samples are blocks of ``number_per_run`` calls (per call)."""
+        return quantiles([t * 1e3 for t in m.times])
+
 
 def quantiles(samples_ms: Sequence[float]) -> Timing:
-    """Median, p20 and p80 (linear interpolation between order statistics) of ``samples_ms``."""
+    """Median, p20 and p80 of ``samples_ms`` (``torch.quantile``'s linear interpolation, as ``Measurement`` does)."""
     if not samples_ms:
         raise ValueError("quantiles needs at least one sample")
-    s = sorted(samples_ms)
-
-    def q(p: float) -> float:
-        x = p * (len(s) - 1)
-        lo = math.floor(x)
-        hi = min(lo + 1, len(s) - 1)
-        return s[lo] + (s[hi] - s[lo]) * (x - lo)
-
-    return Timing(q(0.5), q(0.2), q(0.8), len(s))
+    q = torch.tensor(samples_ms, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return Timing(*q.tolist(), len(samples_ms))
 
 
 @dataclass
 class TimingPolicy:
-    """CPU repetition policy: at least ``min_reps`` samples, more while under ``budget_s`` (at most ``max_reps``)."""
+    """CPU repetition policy: a ``budget_s`` of time; calls that fit it more than ``max_reps`` times go to
+    ``Timer.blocked_autorange(min_run_time=budget_s)``, longer ones get ``min_reps`` to ``max_reps`` samples."""
 
     min_reps: int = 3
     max_reps: int = 25
     budget_s: float = 2.0
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall time of one call (the timed warm-up, and one call of an interleaved round)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def time_callable(
@@ -200,16 +207,17 @@ def time_callable(
     force_warmup: bool = False,
     grad_to_none: Sequence[torch.Tensor] | None = None,
 ) -> Timing:
-    """Time ``fn`` (see the module docstring for the CPU sampling rule; CUDA uses ``triton.testing.do_bench``)."""
+    """Time ``fn``: ``do_bench`` on CUDA, ``Timer.blocked_autorange`` or the bounded rule on CPU (module docstring)."""
     if device == "cuda":
         from triton.testing import do_bench
 
         med, p20, p80 = do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
         return Timing(float(med), float(p20), float(p80), 0)
     policy = policy or TimingPolicy()
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
+    first = seconds(fn)
+    if first * policy.max_reps < policy.budget_s:
+        timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return Timing.of(timer.blocked_autorange(min_run_time=policy.budget_s))
     samples: list[float] = []
     min_reps = policy.min_reps
     if not force_warmup and first >= SLOW_S:
@@ -217,10 +225,20 @@ def time_callable(
         min_reps = 1 if first >= VERY_SLOW_S else 2
     start = time.perf_counter()
     while len(samples) < policy.max_reps and (len(samples) < min_reps or time.perf_counter() - start < policy.budget_s):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
+        samples.append(seconds(fn) * 1e3)
     return quantiles(samples)
+
+
+def interleaved(cases: dict[str, Callable[[], Any]], rounds: int) -> dict[str, Timing]:
+    """One warm-up call each, then ``rounds`` rounds of one call per case, the cases alternating, so that a change
+    of machine load hits all of them alike (side by side; ``torch.utils.benchmark`` times one statement at a time)."""
+    for fn in cases.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for k, fn in cases.items():
+            samples[k].append(seconds(fn) * 1e3)
+    return {k: quantiles(v) for k, v in samples.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
