@@ -66,22 +66,20 @@ class Claim:
 
 
 def _linear_ce(tag: str, bounded: bool) -> list[Claim]:
-    """Gemma-3-270M's head shape carries the targets; V = 128,256 the same ratios as context."""
-    lce = dict(bench="linear_ce", num=OURS, attr="time_ms", shapes=tag)
+    """Gemma-3-270M's head shape carries the targets; V = 128,256 the same ratios as context (no bounds)."""
 
-    def bound(x: float) -> float | None:
-        return x if bounded else None
+    def claim(text: str, attr: str, den: str, bound: float | None = None, why: str = "") -> Claim:
+        return Claim("linear_ce", "LinearCE {shape}: " + text, OURS, attr, den=den, at_most=bound if bounded else None,
+                     shapes=tag, why_if_miss=why)  # fmt: skip
 
     return [
-        Claim(**{**lce, "attr": "extra_mem_mb"}, text="LinearCE {shape}: extra memory alignx / HF head + cross-entropy",
-              den="hf", at_most=bound(0.125)),
-        Claim(**lce, text="LinearCE {shape}: fwd+bwd time alignx / HF head + cross-entropy", den="hf",
-              at_most=bound(0.7), why_if_miss="the same 6NDV GEMM FLOPs in both (exact mode); the dense path's extra "
-              "passes over the [N, V] logits are the only work to save on a CPU"),
-        Claim(**lce, text="LinearCE {shape}: fwd+bwd time alignx / torch F.linear_cross_entropy at its best policy "
-              "({den})", den="fastest:torch-lce", at_most=bound(1.0)),
-        Claim(**lce, text="LinearCE {shape}: fwd+bwd time alignx / alignx today (objective.lm_loss_sum)",
-              den="objective"),
+        claim("extra memory alignx / HF head + cross-entropy", "extra_mem_mb", "hf", 0.125),
+        claim("fwd+bwd time alignx / HF head + cross-entropy", "time_ms", "hf", 0.7,
+              why="the same 6NDV GEMM FLOPs in both (exact mode); the dense path's extra passes over the [N, V] "
+              "logits are the only work to save on a CPU"),
+        claim("fwd+bwd time alignx / torch F.linear_cross_entropy at its best policy ({den})", "time_ms",
+              "fastest:torch-lce", 1.0),
+        claim("fwd+bwd time alignx / alignx today (objective.lm_loss_sum)", "time_ms", "objective"),
     ]  # fmt: skip
 
 

@@ -107,6 +107,8 @@ def _check_memory_method(args: argparse.Namespace, info: RunInfo) -> None:
     else:
         rows = [Row(provider="measured", mode="full", status=res["status"], note=res.get("note", ""))]
     [v] = evaluate("memory-method", rows)
+    if res["status"] == "ok":
+        v.detail += f" ({res['method']})"
     print_verdicts("memory method", [v])
     append_verdicts(BenchOptions(device=args.device, out_dir=Path(args.out_dir)), info, [v])
 
