@@ -1,8 +1,10 @@
 """alignx benchmarks: the hot-path ops and one training step, side by side with the dense torch idioms, the official
 AlignX code style and the public fused kernels.
 
-One script per op (``bench_span_pool``, ``bench_info_nce``, ``bench_lang_match``) plus the end-to-end
-``bench_step``, sharing :mod:`benchmarks.harness`; ``python -m benchmarks.run --device cpu|cuda`` runs them all
+One script per op (``bench_span_pool``, ``bench_info_nce``, ``bench_lang_match``, ``bench_linear_ce``) plus the
+end-to-end ``bench_step``, sharing :mod:`benchmarks.harness` (timing, jobs), :mod:`benchmarks.memory` (the
+fresh-process memory probe), :mod:`benchmarks.results` (rows, CSV) and :mod:`benchmarks.claims` (the table of
+targets and the one function that checks them); ``python -m benchmarks.run --device cpu|cuda`` runs them all
 (``make bench`` / ``make bench-gpu``) and :mod:`benchmarks.report` turns ``results/<device>.csv`` into markdown and
 plots. See ``benchmarks/README.md``.
 """

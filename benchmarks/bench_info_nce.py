@@ -35,16 +35,10 @@ from .harness import (
     DTYPES,
     Bench,
     Provider,
-    Row,
     Shape,
     SkipContext,
-    Verdict,
     bench_main,
-    find_shape,
-    lookup,
-    ratio_verdict,
     seeded,
-    value_verdict,
 )
 
 GB = 1 << 30
@@ -195,7 +189,8 @@ def shapes(device: str) -> list[Shape]:
     if device == "cuda":
         out = [
             Shape(f"B=N={n} D=4096 bf16", {"B": n, "N": n, "D": 4096, "dtype": "bf16", "tau": 0.1},
-                  memory_modes=("fwd", "full"), tags=("gpu-rate", "quick") if n == 16384 else ())
+                  memory_modes=("fwd", "full"),
+                  tags=(("gpu-rate", "quick") if n == 16384 else ()) + (("rate-claim",) if n >= 16384 else ()))
             for n in (4096, 16384, 65536)
         ]  # fmt: skip
         out.append(Shape("B=512 N=1000000 D=4096 bf16", {"B": 512, "N": 1_000_000, "D": 4096, "dtype": "bf16",
@@ -212,75 +207,11 @@ def shapes(device: str) -> list[Shape]:
     ]  # fmt: skip
 
 
-def verdicts(rows: Sequence[Row], shapes: Sequence[Shape], device: str) -> list[Verdict]:
-    """The InfoNCE claims of the benchmark issue, each a ratio of two rows of this run."""
-    out = []
-    alignx = "alignx-triton" if device == "cuda" else "alignx"
-    s = find_shape(shapes, "official-batch")
-    if s is not None:
-        out.append(
-            ratio_verdict(
-                f"InfoNCE {s.name} (official micro-batch): fwd+bwd time alignx / official idiom",
-                lookup(rows, s.name, alignx),
-                lookup(rows, s.name, "official"),
-                "time_ms",
-            )
-        )
-    s = find_shape(shapes, "mem-16k")
-    if s is not None:
-        out.append(
-            ratio_verdict(
-                f"InfoNCE {s.name}: extra memory alignx / dense reference",
-                lookup(rows, s.name, alignx),
-                lookup(rows, s.name, "reference"),
-                "extra_mem_mb",
-                at_most=0.1,
-            )
-        )
-    s = find_shape(shapes, "time-16k")
-    if s is not None:
-        out.append(
-            ratio_verdict(
-                f"InfoNCE {s.name}: fwd+bwd time alignx / dense reference",
-                lookup(rows, s.name, alignx),
-                lookup(rows, s.name, "reference"),
-                "time_ms",
-                at_most=1.2,
-                why_if_miss="the chunked path recomputes the logits in backward "
-                "(8BND vs 6BND FLOPs) and pays per-chunk overheads",
-            )
-        )
-    s = find_shape(shapes, "time-8k")
-    if s is not None:
-        out.append(
-            ratio_verdict(
-                f"InfoNCE {s.name}: fwd+bwd time alignx / dense reference",
-                lookup(rows, s.name, alignx),
-                lookup(rows, s.name, "reference"),
-                "time_ms",
-                at_most=1.2,
-                why_if_miss="the chunked path recomputes the logits in backward",
-            )
-        )
-    if device == "cuda":
-        for s in shapes:
-            if s.params["D"] == 4096 and s.params["B"] == s.params["N"] and s.params["B"] >= 16384:
-                out.append(
-                    value_verdict(
-                        f"InfoNCE {s.name}: alignx-triton fwd+bwd rate / measured bf16 GEMM",
-                        lookup(rows, s.name, "alignx-triton"),
-                        "roofline_frac",
-                        at_least=0.8,
-                    )
-                )
-    return out  # fmt: skip
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return bench_main(BENCH, shapes, verdicts, argv, __doc__.splitlines()[0])
+    return bench_main(BENCH, shapes, argv, __doc__.splitlines()[0])
 
 
-__all__ = ["BENCH", "build", "main", "shapes", "verdicts", "work"]
+__all__ = ["BENCH", "build", "main", "shapes", "work"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,16 +33,10 @@ from .harness import (
     DTYPES,
     Bench,
     Provider,
-    Row,
     Shape,
     SkipContext,
-    Verdict,
     bench_main,
-    find_shape,
-    lookup,
-    ratio_verdict,
     seeded,
-    value_verdict,
 )
 
 GB = 1 << 30
@@ -168,47 +162,11 @@ def shapes(device: str) -> list[Shape]:
     ]  # fmt: skip
 
 
-def verdicts(rows: Sequence[Row], shapes: Sequence[Shape], device: str) -> list[Verdict]:
-    """The language-matching claims: memory <= 1/100 and >= 50x faster than the official idiom, same values."""
-    out = []
-    alignx = "alignx-triton" if device == "cuda" else "alignx"
-    s = find_shape(shapes, "official-batch")
-    if s is not None:
-        out.append(
-            ratio_verdict(
-                f"LangMatch {s.name} (official micro-batch): fwd+bwd time official / alignx",
-                lookup(rows, s.name, "official"),
-                lookup(rows, s.name, alignx),
-                "time_ms",
-            )
-        )
-    for s in shapes:
-        if "lam" not in s.tags:
-            continue
-        off, ax = lookup(rows, s.name, "official"), lookup(rows, s.name, alignx)
-        out.append(
-            ratio_verdict(
-                f"LangMatch {s.name}: extra memory alignx / official pair tensor", ax, off, "extra_mem_mb", at_most=0.01
-            )
-        )
-        out.append(
-            ratio_verdict(
-                f"LangMatch {s.name}: speed-up, fwd+bwd time official / alignx", off, ax, "time_ms", at_least=50
-            )
-        )
-        claim = f"LangMatch {s.name}: same loss and gradients (max rel err of alignx vs the first provider that ran)"
-        if ax is not None and ax.status == "ok" and not ax.note:
-            out.append(Verdict(claim, None, "<= 0.0001", "N/A", "no other provider ran at this shape"))
-        else:
-            out.append(value_verdict(claim, ax, "max_rel_err", at_most=1e-4))
-    return out  # fmt: skip
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return bench_main(BENCH, shapes, verdicts, argv, __doc__.splitlines()[0])
+    return bench_main(BENCH, shapes, argv, __doc__.splitlines()[0])
 
 
-__all__ = ["BENCH", "build", "main", "shapes", "verdicts", "work"]
+__all__ = ["BENCH", "build", "main", "shapes", "work"]
 
 if __name__ == "__main__":
     sys.exit(main())

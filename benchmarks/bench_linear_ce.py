@@ -39,14 +39,9 @@ from .harness import (
     DTYPES,
     Bench,
     Provider,
-    Row,
     Shape,
     SkipContext,
-    Verdict,
     bench_main,
-    find_shape,
-    lookup,
-    ratio_verdict,
     seeded,
 )
 
@@ -240,45 +235,11 @@ def shapes(device: str) -> list[Shape]:
     ]  # fmt: skip
 
 
-def _best_native(rows: Sequence[Row], shape: str) -> Row | None:
-    """The fastest torch F.linear_cross_entropy provider at ``shape`` (its best policy in this run)."""
-    ok = [r for r in rows if r.shape == shape and r.provider.startswith("torch-lce") and r.mode == "full"]
-    ok = [r for r in ok if r.status == "ok" and r.time_ms is not None]
-    return min(ok, key=lambda r: r.time_ms) if ok else None
-
-
-def verdicts(rows: Sequence[Row], shapes: Sequence[Shape], device: str) -> list[Verdict]:
-    """The issue's claims at Gemma-3-270M's shape: extra memory <= 1/8 and time <= 0.7 of the HF head + loss, and
-    faster than torch's F.linear_cross_entropy at its best policy; the same ratios at V = 128,256 as context."""
-    out = []
-    alignx = "alignx-triton" if device == "cuda" else "alignx"
-    for tag, bounded in (("gemma", True), ("vocab-128k", False)):
-        s = find_shape(shapes, tag)
-        if s is None:
-            continue
-        ax, hf = lookup(rows, s.name, alignx), lookup(rows, s.name, "hf")
-        best = _best_native(rows, s.name)
-        out += [
-            ratio_verdict(f"LinearCE {s.name}: extra memory alignx / HF head + cross-entropy", ax, hf,
-                          "extra_mem_mb", at_most=0.125 if bounded else None),
-            ratio_verdict(f"LinearCE {s.name}: fwd+bwd time alignx / HF head + cross-entropy", ax, hf, "time_ms",
-                          at_most=0.7 if bounded else None,
-                          why_if_miss="the same 6NDV GEMM FLOPs in both (exact mode); the dense path's extra "
-                          "passes over the [N, V] logits are the only work to save on a CPU"),
-            ratio_verdict(f"LinearCE {s.name}: fwd+bwd time alignx / torch F.linear_cross_entropy at its best "
-                          f"policy ({best.provider if best else 'none ran'})", ax, best, "time_ms",
-                          at_most=1.0 if bounded else None),
-            ratio_verdict(f"LinearCE {s.name}: fwd+bwd time alignx / alignx today (objective.lm_loss_sum)", ax,
-                          lookup(rows, s.name, "objective"), "time_ms"),
-        ]  # fmt: skip
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return bench_main(BENCH, shapes, verdicts, argv, __doc__.splitlines()[0])
+    return bench_main(BENCH, shapes, argv, __doc__.splitlines()[0])
 
 
-__all__ = ["BENCH", "build", "main", "shapes", "verdicts", "work"]
+__all__ = ["BENCH", "build", "main", "shapes", "work"]
 
 if __name__ == "__main__":
     sys.exit(main())

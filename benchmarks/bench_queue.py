@@ -2,8 +2,8 @@
 
 What is measured (CPU; every number carries the machine's load average). Times: medians with p20/p80 of
 ``--rounds`` calls after a warm-up, the cases alternating round by round. Memory: in a fresh child process with
-``MALLOC_MMAP_THRESHOLD_=65536`` (the harness's CPU method, ``clear_refs``/``VmHWM``), never in the timed process
-(that setting turns every large allocation into page faults and would distort the times).
+``MALLOC_MMAP_THRESHOLD_=65536`` (the CPU method of :mod:`benchmarks.memory`, ``clear_refs``/``VmHWM``), never in the
+timed process (that setting turns every large allocation into page faults and would distort the times).
 
 1. ``contrastive``: the contrastive term of ``objective.negatives = "global+queue"``
    (:meth:`alignx.objective.AlignXObjective._global_contrastive`, InfoNCE through ``alignx.kernels.info_nce``) for
@@ -38,23 +38,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .harness import (
-    MMAP_THRESHOLD,
-    REPO,
-    RESULT_TAG,
-    RESULTS_DIR,
-    cpu_extra_memory,
-    quantiles,
-    run_info,
-    say,
-)
+from .claims import evaluate
+from .harness import interleaved
+from .memory import MMAP_THRESHOLD, RESULT_TAG, cpu_extra_memory
+from .results import REPO, RESULTS_DIR, Row, run_info, say
 
 MiB = 1 << 20
 CHUNK_BYTES = 64 * MiB  # alignx.kernels.info_nce's default similarity chunk
@@ -161,25 +154,14 @@ def step_case(queue: int, spec: dict[str, Any], micro: int, seq: int) -> tuple[C
 def _time(cases: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, float]]:
     """Median / p20 / p80 of ``rounds`` calls of each case after one warm-up call each, the cases alternating round
     by round (a change of machine load hits all of them alike)."""
-    for run_once in cases.values():
-        run_once()  # warm-up: parameter gradients, kernels
-    samples: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(rounds):
-        for label, run_once in cases.items():
-            t0 = time.perf_counter()
-            run_once()
-            samples[label].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for label, values in samples.items():
-        t = quantiles(values)
-        out[label] = {"median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms}
-    return out
+    timings = interleaved(cases, rounds)
+    return {k: {"median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms} for k, t in timings.items()}
 
 
 def _extra_memory(run_once: Callable[[], Any], fresh_grads: list[torch.Tensor]) -> int:
-    """Extra resident memory of one call after a warm-up (harness method; needs ``MALLOC_MMAP_THRESHOLD_``).
-    ``fresh_grads``: leaves whose gradient the call allocates (dropped first, subtracted); parameter gradients made
-    by the warm-up are accumulated in place and count as existing memory."""
+    """Extra resident memory of one call after a warm-up (:mod:`benchmarks.memory`'s method; needs
+    ``MALLOC_MMAP_THRESHOLD_``). ``fresh_grads``: leaves whose gradient the call allocates (dropped first,
+    subtracted); parameter gradients made by the warm-up are accumulated in place and count as existing memory."""
     run_once()
     for t in fresh_grads:
         t.grad = None
@@ -237,7 +219,7 @@ def _fmt_mib(n: int) -> str:
     return "n/a" if n < 0 else f"{n / MiB:,.1f} MiB"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queue", type=int, default=100_000, help="queued negatives C")
     parser.add_argument("--anchors", type=int, default=16, help="anchors of the contrastive term (global batch)")
@@ -252,8 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-csv", action="store_true")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(raw)
+    args = _parser().parse_args(raw)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     spec = dict(SMOLLM2_135M, num_hidden_layers=args.layers)
@@ -286,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         r.update(queue=0 if label in ("contrastive", "step") else args.queue)
         r.update(anchors=args.micro if label.startswith("step") else args.anchors)
     q_res = res["contrastive+queue"]
-    verdict = "n/a" if q_res["extra_bytes"] < 0 else ("PASS" if q_res["extra_bytes"] <= bound else "MISS")
+    verdict = _verdict(q_res["extra_bytes"], bound)
     q_res.update(bound_bytes=bound, verdict=verdict)
     say(
         f"[queue] contrastive fwd+bwd: {q_res['median_ms']:.1f} ms with the queue (p20 {q_res['p20_ms']:.1f}, "
@@ -295,22 +281,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"queue held between steps {_fmt_mib(q_res['persistent'])} (C x D x 4 = {_fmt_mib(args.queue * dim * 4)})"
     )
     if not args.no_step:
-        with_q, without = res["step+queue"], res["step"]
-        share = (with_q["median_ms"] - without["median_ms"]) / with_q["median_ms"]
-        term_share = q_res["median_ms"] / with_q["median_ms"]
-        with_q["note"] = f"step difference {share:+.1%}; contrastive term alone {term_share:.1%} of the step"
-        say(
-            f"[queue] step ({spec['num_hidden_layers']} layers, D = {dim}, {args.micro} records <= {args.seq} tokens, "
-            f"{args.rounds} interleaved rounds): {with_q['median_ms']:.0f} ms with the queue (p20 "
-            f"{with_q['p20_ms']:.0f}, p80 {with_q['p80_ms']:.0f}) vs {without['median_ms']:.0f} ms without (p20 "
-            f"{without['p20_ms']:.0f}, p80 {without['p80_ms']:.0f}): difference {share:+.1%} of the step; the "
-            f"contrastive term with {args.queue:,} negatives measured alone is {term_share:.1%} of the step; step "
-            f"extra memory {_fmt_mib(with_q['extra_bytes'])} vs {_fmt_mib(without['extra_bytes'])}"
-        )
+        _say_step(args, spec, res)
     say(f"[queue] load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     if not args.no_csv:
         _append_csv(args.out_dir / "queue_cpu.csv", info, dim, list(res.values()))
     return 0 if verdict != "MISS" else 1
+
+
+def _verdict(extra_bytes: int, bound: int) -> str:
+    """The queue's claim (:data:`benchmarks.claims.CLAIMS`): PASS / MISS, ``n/a`` when the memory was not measured."""
+    measured = extra_bytes >= 0
+    rows = [Row(provider="contrastive+queue", mode="full", status="ok" if measured else "n/a",
+                extra_mem_mb=extra_bytes / MiB if measured else None),
+            Row(provider="bound", mode="full", status="ok", extra_mem_mb=bound / MiB)]  # fmt: skip
+    [v] = evaluate("queue", rows)
+    return v.verdict if v.verdict in ("PASS", "MISS") else "n/a"
+
+
+def _say_step(args: argparse.Namespace, spec: dict[str, Any], res: dict[str, dict[str, Any]]) -> None:
+    """The step with and without the queue: the queue's share of the step time and memory (noted in the row)."""
+    dim = spec["hidden_size"]
+    with_q, without, q_res = res["step+queue"], res["step"], res["contrastive+queue"]
+    share = (with_q["median_ms"] - without["median_ms"]) / with_q["median_ms"]
+    term_share = q_res["median_ms"] / with_q["median_ms"]
+    with_q["note"] = f"step difference {share:+.1%}; contrastive term alone {term_share:.1%} of the step"
+    say(
+        f"[queue] step ({spec['num_hidden_layers']} layers, D = {dim}, {args.micro} records <= {args.seq} tokens, "
+        f"{args.rounds} interleaved rounds): {with_q['median_ms']:.0f} ms with the queue (p20 "
+        f"{with_q['p20_ms']:.0f}, p80 {with_q['p80_ms']:.0f}) vs {without['median_ms']:.0f} ms without (p20 "
+        f"{without['p20_ms']:.0f}, p80 {without['p80_ms']:.0f}): difference {share:+.1%} of the step; the "
+        f"contrastive term with {args.queue:,} negatives measured alone is {term_share:.1%} of the step; step "
+        f"extra memory {_fmt_mib(with_q['extra_bytes'])} vs {_fmt_mib(without['extra_bytes'])}"
+    )
 
 
 def _append_csv(path: Path, info: Any, dim: int, rows: list[dict[str, Any]]) -> None:

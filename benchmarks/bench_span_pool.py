@@ -36,16 +36,10 @@ from .harness import (
     DTYPES,
     Bench,
     Provider,
-    Row,
     Shape,
     SkipContext,
-    Verdict,
     bench_main,
-    find_shape,
-    lookup,
-    ratio_verdict,
     seeded,
-    value_verdict,
 )
 
 GB = 1 << 30
@@ -189,6 +183,7 @@ BENCH = Bench(
     scale=1e9,
     roofline="copy",
     tiny=TINY,
+    units={"[B, T, D]": lambda p: hidden_bytes(p) / 2**20},  # claims: extra memory in units of one hidden tensor
 )
 
 
@@ -208,66 +203,11 @@ def shapes(device: str) -> list[Shape]:
     ]  # fmt: skip
 
 
-def _temporaries(claim: str, row: Row | None, params: dict[str, Any]) -> Verdict:
-    """Extra memory in units of one ``[B, T, D]`` hidden tensor: a single such temporary makes it >= 1."""
-    target = "<= 0.25"
-    if row is None or row.status != "ok" or row.extra_mem_mb is None:
-        return Verdict(claim, None, target, "N/A", "not measured" if row is None else (row.mem_method or row.note))
-    units = max(row.extra_mem_mb, 0.0) * 2**20 / hidden_bytes(params)  # below zero: noise of the method
-    one = hidden_bytes(params) / 2**20
-    detail = f"{row.provider} extra {row.extra_mem_mb:.1f} MiB vs one [B, T, D] = {one:.1f} MiB"
-    return Verdict(claim, units, target, "PASS" if units <= 0.25 else "MISS", detail)
-
-
-def verdicts(rows: Sequence[Row], shapes: Sequence[Shape], device: str) -> list[Verdict]:
-    """Pooling claims: no [B, T, D] temporaries, time <= the masked-product idiom's (and the GPU bandwidth target)."""
-    out = []
-    alignx = "alignx-triton" if device == "cuda" else "alignx"
-    for s in shapes:
-        if "pool" not in s.tags:
-            continue
-        out.append(
-            ratio_verdict(
-                f"Span pooling {s.name}: fwd+bwd time alignx / masked-product idiom",
-                lookup(rows, s.name, alignx),
-                lookup(rows, s.name, "masked-product"),
-                "time_ms",
-                at_most=1.0,
-            )
-        )
-        out.append(
-            _temporaries(
-                f"Span pooling {s.name}: alignx extra memory (beyond d hidden) in [B, T, D] units",
-                lookup(rows, s.name, alignx),
-                s.params,
-            )
-        )
-        out.append(
-            _temporaries(
-                f"Span pooling {s.name}: masked-product extra memory in [B, T, D] units (context)",
-                lookup(rows, s.name, "masked-product"),
-                s.params,
-            )
-        )
-        out[-1].target, out[-1].verdict = "-", "INFO" if out[-1].measured is not None else "N/A"
-    s = find_shape(shapes, "gpu-bw")
-    if device == "cuda" and s is not None:
-        out.append(
-            value_verdict(
-                f"Span pooling {s.name}: alignx-triton fwd+bwd bandwidth / measured copy",
-                lookup(rows, s.name, "alignx-triton"),
-                "roofline_frac",
-                at_least=0.85,
-            )
-        )
-    return out  # fmt: skip
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return bench_main(BENCH, shapes, verdicts, argv, __doc__.splitlines()[0])
+    return bench_main(BENCH, shapes, argv, __doc__.splitlines()[0])
 
 
-__all__ = ["BENCH", "build", "main", "official_layout", "shapes", "verdicts", "work"]
+__all__ = ["BENCH", "build", "main", "official_layout", "shapes", "work"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,9 +13,9 @@
 
 Reported per objective: step time (median, p20, p80; on CPU the objectives are interleaved round by round so that a
 change of machine load hits all three alike), the extra memory of one step beyond the model, its gradients
-(allocated by a warm-up step) and the batch (the harness's memory method), and the largest micro-batch whose step
-fits under a memory cap (doubling then bisection, every probe a fresh measurement). The ``alignx`` and ``official``
-losses and gradients are compared (they must be the same function).
+(allocated by a warm-up step) and the batch (the method of :mod:`benchmarks.memory`), and the largest micro-batch
+whose step fits under a memory cap (doubling then bisection, every probe a fresh measurement). The ``alignx`` and
+``official`` losses and gradients are compared (they must be the same function).
 
 The CPU default model is a random-initialised Llama-architecture model built from a config
 (:func:`alignx.testing.tiny_causal_lm`: d = 256, 8 layers, vocabulary 8192), micro-batch 16 x 128 tokens (the
@@ -41,28 +41,10 @@ from torch import Tensor, nn
 
 from alignx.constants import IGNORE_INDEX
 
-from .harness import (
-    DTYPES,
-    METHOD_CPU,
-    RESULTS_DIR,
-    Row,
-    RunInfo,
-    Timing,
-    TimingPolicy,
-    Verdict,
-    append_csv,
-    append_verdicts,
-    cpu_extra_memory,
-    cuda_extra_memory,
-    print_verdicts,
-    quantiles,
-    ratio_verdict,
-    run_info,
-    run_subprocess_job,
-    say,
-    seeded,
-    time_callable,
-)
+from .claims import Verdict, append_verdicts, evaluate, print_verdicts
+from .harness import DTYPES, BenchOptions, Timing, TimingPolicy, interleaved, seeded, time_callable
+from .memory import METHOD_CPU, cpu_extra_memory, cuda_extra_memory, run_subprocess_job
+from .results import RESULTS_DIR, Row, RunInfo, append_csv, run_info, say
 
 OBJECTIVES = ("ntp", "alignx", "alignx-hf-head", "official")
 GB = 1 << 30
@@ -354,17 +336,7 @@ def time_steps(steps: dict[str, Callable[[], Tensor]], device: str, rounds: int)
     """Step times. CPU: one warm-up each, then ``rounds`` rounds of one step per objective (interleaved)."""
     if device == "cuda":
         return {k: time_callable(fn, device) for k, fn in steps.items()}
-    samples: dict[str, list[float]] = {k: [] for k in steps}
-    import time
-
-    for fn in steps.values():
-        fn()
-    for _ in range(rounds):
-        for k, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: quantiles(v) for k, v in samples.items()}
+    return interleaved(steps, rounds)
 
 
 def run(spec: StepSpec, device: str, threads: int, out_dir: Any, info: RunInfo, *, rounds: int, memory: bool,
@@ -377,14 +349,7 @@ def run(spec: StepSpec, device: str, threads: int, out_dir: Any, info: RunInfo, 
     batch = make_batch(spec.batch, spec.seq, vocab, device)
     steps = {k: make_step(m, batch) for k, m in models.items()}
 
-    # Same function check: the alignx objective and the official-style one, same weights, same batch.
-    losses, grads = {}, {}
-    for k in ("alignx", "official"):
-        losses[k] = float(steps[k]())
-        grads[k] = grads_of(models[k])
-    err = max(float((grads["alignx"][n] - g).abs().max()) / max(float(g.abs().max()), 1e-30)
-              for n, g in grads["official"].items())  # fmt: skip
-    del grads
+    losses, err = same_function(steps, models)
     say(f"[step] loss alignx {losses['alignx']:.6f}, official {losses['official']:.6f}; max rel grad err {err:.2e}")
 
     times = time_steps(steps, device, rounds)
@@ -422,24 +387,48 @@ def run(spec: StepSpec, device: str, threads: int, out_dir: Any, info: RunInfo, 
             f"{row.metric:.0f} tokens/s, extra memory {mem}, load {row.load1}")  # fmt: skip
 
     if search and memory:
-        for k in OBJECTIVES:
-            probes: dict[int, dict[str, Any]] = {}
-
-            def fits(b: int, k: str = k, probes: dict = probes) -> bool:
-                res = probes[b] = probe(k, b)
-                return res["status"] == "ok" and res["bytes"] <= cap_bytes
-
-            best, exact = largest_fitting(fits, spec.batch, max_batch)
-            probed = ", ".join(f"{b}:{_fmt_probe(r)}" for b, r in sorted(probes.items()))
-            rel = "=" if exact else ">="
-            rows.append(info.row(bench="step", shape=f"{shape} cap={cap_bytes / GB:.2f}GiB", provider=k,
-                                 mode="max-batch", status="ok", metric=float(best), unit="rows",
-                                 note=f"largest micro-batch {rel} {best} under the cap; probes {probed}",
-                                 mem_method=METHOD_CPU if device == "cpu" else "cuda allocator"))  # fmt: skip
-            say(f"[step] {k}: largest micro-batch under {cap_bytes / GB:.2f} GiB extra: {rel}{best} ({probed})")
+        rows += [max_batch_row(k, shape, probe, info, spec.batch, cap_bytes, max_batch) for k in OBJECTIVES]
     if write_csv:
         append_csv(out_dir / f"{device}.csv", rows)
-    return rows, verdicts(rows, err, head_claims=spec.model != "small")
+    return rows, verdicts(rows, head_claims=spec.model != "small")
+
+
+def same_function(steps: dict[str, Callable[[], Tensor]], models: dict[str, Any]) -> tuple[dict[str, float], float]:
+    """The alignx objective and the official-style one on the same weights and batch: their losses and the max
+    relative error of the alignx gradients against the official ones."""
+    losses, grads = {}, {}
+    for k in ("alignx", "official"):
+        losses[k] = float(steps[k]())
+        grads[k] = grads_of(models[k])
+    err = max(float((grads["alignx"][n] - g).abs().max()) / max(float(g.abs().max()), 1e-30)
+              for n, g in grads["official"].items())  # fmt: skip
+    return losses, err
+
+
+def max_batch_row(
+    k: str,
+    shape: str,
+    probe: Callable[[str, int], dict[str, Any]],
+    info: RunInfo,
+    start: int,
+    cap_bytes: int,
+    max_batch: int,
+) -> Row:
+    """The largest micro-batch of objective ``k`` whose step stays under ``cap_bytes`` of extra memory."""
+    probes: dict[int, dict[str, Any]] = {}
+
+    def fits(b: int) -> bool:
+        res = probes[b] = probe(k, b)
+        return res["status"] == "ok" and res["bytes"] <= cap_bytes
+
+    best, exact = largest_fitting(fits, start, max_batch)
+    probed = ", ".join(f"{b}:{_fmt_probe(r)}" for b, r in sorted(probes.items()))
+    rel = "=" if exact else ">="
+    say(f"[step] {k}: largest micro-batch under {cap_bytes / GB:.2f} GiB extra: {rel}{best} ({probed})")
+    return info.row(bench="step", shape=f"{shape} cap={cap_bytes / GB:.2f}GiB", provider=k, mode="max-batch",
+                    status="ok", metric=float(best), unit="rows",
+                    note=f"largest micro-batch {rel} {best} under the cap; probes {probed}",
+                    mem_method=METHOD_CPU if info.device == "cpu" else "cuda allocator")  # fmt: skip
 
 
 def _fmt_probe(r: dict[str, Any]) -> str:
@@ -457,32 +446,10 @@ def _probe(spec: StepSpec, objective: str, batch: int, device: str, threads: int
     return res
 
 
-def verdicts(rows: Sequence[Row], grad_err: float, head_claims: bool = False) -> list[Verdict]:
-    """Step claims: alignx <= 1.10 x NTP time; less time and memory than the official style; same function. With
-    ``head_claims`` (a real model, whose vocabulary makes the LM head the step's largest matmul) the fused LM head's:
-    time <= 0.85 and extra memory <= 0.6 of the same step through HF's head."""
-    by = {(r.provider, r.mode): r for r in rows}
-    full = lambda k: by.get((k, "full"))
-    out = [
-        ratio_verdict("Stage-1 step: time alignx objective / NTP only", full("alignx"), full("ntp"), "time_ms",
-                      at_most=1.10),
-        ratio_verdict("Stage-1 step: time alignx / official style", full("alignx"), full("official"), "time_ms",
-                      at_most=1.0),
-        ratio_verdict("Stage-1 step: extra memory alignx / official style", full("alignx"), full("official"),
-                      "extra_mem_mb", at_most=1.0),
-        ratio_verdict("Stage-1 step: extra memory alignx / NTP only (context)", full("alignx"), full("ntp"),
-                      "extra_mem_mb"),
-        ratio_verdict("Stage-1 step: time alignx (fused LM head) / alignx with HF's LM head", full("alignx"),
-                      full("alignx-hf-head"), "time_ms", at_most=0.85 if head_claims else None),
-        ratio_verdict("Stage-1 step: extra memory alignx (fused LM head) / alignx with HF's LM head",
-                      full("alignx"), full("alignx-hf-head"), "extra_mem_mb", at_most=0.6 if head_claims else None),
-        ratio_verdict("Stage-1 step: largest micro-batch alignx / official style (context)",
-                      by.get(("alignx", "max-batch")), by.get(("official", "max-batch")), "metric"),
-    ]  # fmt: skip
-    verdict = "PASS" if grad_err <= 1e-3 else "MISS"
-    out.append(Verdict("Stage-1 step: alignx and official-style gradients agree (max rel err)", grad_err, "<= 0.001",
-                       verdict, "same weights, same batch"))  # fmt: skip
-    return out
+def verdicts(rows: Sequence[Row], head_claims: bool = False) -> list[Verdict]:
+    """The step's claims (:data:`benchmarks.claims.CLAIMS`, bench ``step``). With ``head_claims`` (a real model, whose
+    vocabulary makes the LM head the step's largest matmul) the fused LM head's bounds apply."""
+    return evaluate("step", rows, flags=("real-model",) if head_claims else ())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -535,8 +502,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cap_bytes=cap, max_batch=args.max_batch, search=not args.no_search,
                 write_csv=not args.no_csv)  # fmt: skip
     print_verdicts("step", vs)
-    from .harness import BenchOptions
-
     append_verdicts(BenchOptions(device=args.device, out_dir=args.out_dir, write_csv=not args.no_csv), info, vs)
     return 0
 

@@ -1,28 +1,22 @@
-"""The shared benchmark harness: providers, modes, timing, peak memory, roofline, CSV rows and PASS/MISS verdicts.
+"""The shared benchmark harness: providers, modes, timing, the job runner and the command line of every op script.
 
 Vocabulary:
 
-- A :class:`Bench` is one op (``span_pool``, ``info_nce``, ``lang_match``): how to build its inputs for a
-  :class:`Shape`, its :class:`Provider` s (implementations of the *same* function), the work per call (bytes, FLOPs
-  or pairs) and the roofline it is compared with.
+- A :class:`Bench` is one op (``span_pool``, ``info_nce``, ...): how to build its inputs for a :class:`Shape`, its
+  :class:`Provider` s (implementations of the *same* function), the work per call (bytes, FLOPs or pairs) and the
+  roofline it is compared with.
 - Modes: ``fwd`` (forward with autograd recording, as in training), ``bwd`` (backward of a recorded forward, with
   ``retain_graph``) and ``full`` (forward + backward). A non-scalar output is back-propagated with one seeded
   random upstream gradient, the same for every provider.
-- Time: the median with the 20th and 80th percentiles. On CUDA ``triton.testing.do_bench``; on CPU
-  ``time.perf_counter`` after a warm-up call, repeated until ``min_reps`` samples and a time budget are reached. For
-  slow calls the warm-up adds nothing but time: a first call longer than ``SLOW_S`` counts as a sample (it only
-  misses one-time costs that are negligible at that size), and a first call longer than ``VERY_SLOW_S`` is the only
-  sample. ``torch.compile`` providers always get an uncounted warm-up (it compiles). The sample count is recorded.
-- Memory, measured apart from time, as the *extra* memory of one call: the peak beyond what existed before the call
-  (inputs, model, ...), minus the gradients it leaves in the inputs' ``.grad`` (unavoidable outputs of any
-  implementation). On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. On CPU
-  (``METHOD_CPU``): each measurement runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc then
-  serves every block >= 64 KiB with mmap and returns it to the OS on free, so the resident set tracks live memory);
-  the process warms the op up on a tiny shape, builds the inputs, resets the peak resident set by writing ``5`` to
-  ``/proc/self/clear_refs`` (VmHWM := VmRSS), runs the op once and reports ``VmHWM - VmRSS_before`` from
-  ``/proc/self/status``.
-- Roofline: a GEMM and a copy timed in the same run on the same device; the InfoNCE rate is reported as a fraction
-  of the GEMM rate (same dtype), the pooling bandwidth as a fraction of the copy bandwidth.
+- Time (:func:`time_callable`): median with the 20th and 80th percentiles. CUDA: ``triton.testing.do_bench``. CPU:
+  ``torch.utils.benchmark.Timer.blocked_autorange`` (its warm-up, block size and samples) for calls that fit the
+  budget many times over; for longer calls a bounded rule Timer does not have, because its warm-up and blocks
+  would multiply a call of seconds: a timed warm-up, then ``min_reps`` to ``max_reps`` samples within the budget; a
+  first call longer than ``SLOW_S`` counts as a sample, one longer than ``VERY_SLOW_S`` is the only one.
+  ``torch.compile`` providers always get an uncounted warm-up (it compiles). The sample count is recorded.
+- Memory (:mod:`benchmarks.memory`), measured apart from time, in a fresh process on CPU.
+- Roofline: a GEMM and a copy timed in the same run on the same device.
+- Claims (:mod:`benchmarks.claims`): the targets, one table, checked on the rows of the run.
 
 Every (shape, provider) runs as a *job*; jobs of heavy providers (``torch.compile``, or a provider whose estimated
 memory is large) run in a subprocess with a time limit, so that a compile that does not finish, or an allocation
@@ -34,41 +28,33 @@ them (``max_rel_err`` = the largest ``max|x - base| / max|base|`` over the outpu
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import gc
 import importlib
 import importlib.util
-import json
-import math
 import os
-import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.benchmark import Measurement, Timer
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from .claims import append_verdicts, evaluate, print_verdicts
+from .memory import available_bytes, cpu_extra_memory, cuda_extra_memory, is_oom, run_subprocess_job, short_error
+from .results import RESULTS_DIR, Row, RunInfo, append_csv, run_info, say
+
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 SLOW_S = 1.0
 VERY_SLOW_S = 15.0
-METHOD_CPU = "rss: fresh process, MALLOC_MMAP_THRESHOLD_=65536, clear_refs=5, VmHWM - VmRSS_before - grads"
-METHOD_CUDA = "cuda: max_memory_allocated - memory_allocated_before - grads"
-MMAP_THRESHOLD = "65536"
-RESULT_TAG = "@@RESULT "
-MEM_RESOLUTION_MB = 1.0  # the RSS method reads whole pages and the allocator's small-block heap: ~1 MiB of noise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,6 +134,7 @@ class Bench:
     gradients, plus any other values), seeded so that every provider sees the same data. ``work(params, mode)`` is
     the amount behind the rate: bytes (unit ``GB/s``, scale 1e9), FLOPs (``TFLOP/s``, 1e12) or pairs (``Mpairs/s``,
     1e6). ``roofline`` is ``"gemm"``, ``"copy"`` or None. ``tiny`` is a shape small enough for warm-ups and tests.
+    ``units``: the sizes (MiB, from the shape's parameters) that claims measure memory in (``unit:<name>``).
     """
 
     name: str
@@ -159,139 +146,13 @@ class Bench:
     scale: float
     roofline: str | None
     tiny: Shape
+    units: dict[str, Callable[[dict[str, Any]], float]] = field(default_factory=dict)
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:
             if p.name == name:
                 return p
         raise KeyError(f"bench {self.name!r} has no provider {name!r} (have {[p.name for p in self.providers]})")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class Row:
-    """One CSV row: one (bench, shape, provider, mode) measurement, a skip, or a roofline measurement."""
-
-    run_id: str = ""
-    date: str = ""
-    commit: str = ""
-    device: str = ""
-    device_name: str = ""
-    torch: str = ""
-    threads: int = 0
-    load1: float = 0.0
-    bench: str = ""
-    shape: str = ""
-    provider: str = ""
-    mode: str = ""
-    status: str = ""
-    time_ms: float | None = None
-    p20_ms: float | None = None
-    p80_ms: float | None = None
-    reps: int | None = None
-    metric: float | None = None
-    unit: str = ""
-    roofline_frac: float | None = None
-    extra_mem_mb: float | None = None
-    mem_method: str = ""
-    max_rel_err: float | None = None
-    note: str = ""
-
-
-CSV_FIELDS = [f.name for f in fields(Row)]
-
-
-@dataclass
-class RunInfo:
-    """Where and when: filled once per script run and copied into every row."""
-
-    run_id: str
-    date: str
-    commit: str
-    device: str
-    device_name: str
-    torch: str
-    threads: int
-
-    def row(self, **kw: Any) -> Row:
-        return Row(
-            run_id=self.run_id,
-            date=self.date,
-            commit=self.commit,
-            device=self.device,
-            device_name=self.device_name,
-            torch=self.torch,
-            threads=self.threads,
-            load1=round(os.getloadavg()[0], 2),
-            **kw,
-        )
-
-
-def git_commit() -> str:
-    """Short commit hash of the checkout, with ``-dirty`` when the working tree differs from it (read-only git)."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=20
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha or "unknown") + ("-dirty" if dirty else "")
-
-
-def device_name(device: str) -> str:
-    """Human name of the device: the GPU's name, or the CPU model with its core count."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
-
-
-def run_info(device: str, threads: int, run_id: str | None = None) -> RunInfo:
-    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-    return RunInfo(
-        run_id=run_id or now.strftime("%Y%m%dT%H%M%SZ"),
-        date=now.isoformat(),
-        commit=git_commit(),
-        device=device,
-        device_name=device_name(device),
-        torch=torch.__version__,
-        threads=threads,
-    )
-
-
-def append_csv(path: Path, rows: Iterable[Row]) -> None:
-    """Append rows to ``path`` (header written when the file is new)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(v) for k, v in asdict(r).items()})
-
-
-def _fmt(v: Any) -> Any:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return "" if v is None else v
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,29 +168,35 @@ class Timing:
     p80_ms: float
     n: int
 
+    @classmethod
+    def of(cls, m: Measurement) -> Timing:
+        """A ``torch.utils.benchmark`` measurement: its samples are blocks of ``number_per_run`` calls (per call)."""
+        return quantiles([t * 1e3 for t in m.times])
+
 
 def quantiles(samples_ms: Sequence[float]) -> Timing:
-    """Median, p20 and p80 (linear interpolation between order statistics) of ``samples_ms``."""
+    """Median, p20 and p80 of ``samples_ms`` (``torch.quantile``'s linear interpolation, as ``Measurement`` does)."""
     if not samples_ms:
         raise ValueError("quantiles needs at least one sample")
-    s = sorted(samples_ms)
-
-    def q(p: float) -> float:
-        x = p * (len(s) - 1)
-        lo = math.floor(x)
-        hi = min(lo + 1, len(s) - 1)
-        return s[lo] + (s[hi] - s[lo]) * (x - lo)
-
-    return Timing(q(0.5), q(0.2), q(0.8), len(s))
+    q = torch.tensor(samples_ms, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return Timing(*q.tolist(), len(samples_ms))
 
 
 @dataclass
 class TimingPolicy:
-    """CPU repetition policy: at least ``min_reps`` samples, more while under ``budget_s`` (at most ``max_reps``)."""
+    """CPU repetition policy: a ``budget_s`` of time; calls that fit it more than ``max_reps`` times go to
+    ``Timer.blocked_autorange(min_run_time=budget_s)``, longer ones get ``min_reps`` to ``max_reps`` samples."""
 
     min_reps: int = 3
     max_reps: int = 25
     budget_s: float = 2.0
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall time of one call (the timed warm-up, and one call of an interleaved round)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def time_callable(
@@ -340,16 +207,17 @@ def time_callable(
     force_warmup: bool = False,
     grad_to_none: Sequence[torch.Tensor] | None = None,
 ) -> Timing:
-    """Time ``fn`` (see the module docstring for the CPU sampling rule; CUDA uses ``triton.testing.do_bench``)."""
+    """Time ``fn``: ``do_bench`` on CUDA, ``Timer.blocked_autorange`` or the bounded rule on CPU (module docstring)."""
     if device == "cuda":
         from triton.testing import do_bench
 
         med, p20, p80 = do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
         return Timing(float(med), float(p20), float(p80), 0)
     policy = policy or TimingPolicy()
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
+    first = seconds(fn)
+    if first * policy.max_reps < policy.budget_s:
+        timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return Timing.of(timer.blocked_autorange(min_run_time=policy.budget_s))
     samples: list[float] = []
     min_reps = policy.min_reps
     if not force_warmup and first >= SLOW_S:
@@ -357,10 +225,20 @@ def time_callable(
         min_reps = 1 if first >= VERY_SLOW_S else 2
     start = time.perf_counter()
     while len(samples) < policy.max_reps and (len(samples) < min_reps or time.perf_counter() - start < policy.budget_s):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
+        samples.append(seconds(fn) * 1e3)
     return quantiles(samples)
+
+
+def interleaved(cases: dict[str, Callable[[], Any]], rounds: int) -> dict[str, Timing]:
+    """One warm-up call each, then ``rounds`` rounds of one call per case, the cases alternating, so that a change
+    of machine load hits all of them alike (side by side; ``torch.utils.benchmark`` times one statement at a time)."""
+    for fn in cases.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for k, fn in cases.items():
+            samples[k].append(seconds(fn) * 1e3)
+    return {k: quantiles(v) for k, v in samples.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,73 +326,6 @@ def max_rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> fl
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory
-
-
-def _proc_status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            key, value = line.split(":", 1)
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current VmRSS (``echo 5 > /proc/self/clear_refs``); True when the reset took effect."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    st = _proc_status()
-    return st["VmHWM"] <= st["VmRSS"] + (1 << 20)
-
-
-def cpu_extra_memory(run_once: Callable[[], Any], leaves: Sequence[torch.Tensor]) -> tuple[int, str]:
-    """Peak resident bytes of one ``run_once()`` beyond the resident set before it, minus the gradient tensors it
-    leaves in ``leaves`` (meaningful in a process started with :data:`MMAP_THRESHOLD`, see the module docstring)."""
-    gc.collect()
-    before = _proc_status()["VmRSS"]
-    if not reset_peak_rss():
-        return -1, "unavailable: /proc/self/clear_refs cannot reset VmHWM here"
-    out = run_once()
-    peak = _proc_status()["VmHWM"]
-    del out
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in leaves if t.grad is not None)
-    return peak - before - grads, METHOD_CPU
-
-
-def cuda_extra_memory(run_once: Callable[[], Any], leaves: Sequence[torch.Tensor]) -> tuple[int, str]:
-    """Allocator peak of one ``run_once()`` beyond what was allocated before it, minus the gradient tensors."""
-    torch.cuda.synchronize()
-    gc.collect()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = run_once()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in leaves if t.grad is not None)
-    return peak - before - grads, METHOD_CUDA
-
-
-def available_bytes(device: str) -> int:
-    """``MemAvailable`` on CPU; the device's total memory on CUDA."""
-    if device == "cuda":
-        return torch.cuda.get_device_properties(0).total_memory
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _is_oom(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Jobs (in this process or in a fresh subprocess)
 
 
@@ -576,9 +387,9 @@ def time_job(
                 timings[mode] = asdict(t)
         return {"status": "ok", "modes": timings, "err": err}
     except Exception as e:  # recorded, never silently dropped: the row carries the message
-        if _is_oom(e):
-            return {"status": "oom", "note": _short(e)}
-        return {"status": "error", "note": _short(e), "trace": traceback.format_exc(limit=4)}
+        if is_oom(e):
+            return {"status": "oom", "note": short_error(e)}
+        return {"status": "error", "note": short_error(e), "trace": traceback.format_exc(limit=4)}
 
 
 def memory_job(
@@ -612,71 +423,9 @@ def memory_job(
             return {"status": "error", "note": method}
         return {"status": "ok", "bytes": int(extra), "method": method}
     except Exception as e:
-        if _is_oom(e):
-            return {"status": "oom", "note": _short(e)}
-        return {"status": "error", "note": _short(e), "trace": traceback.format_exc(limit=4)}
-
-
-def calibration_job(nbytes: int) -> dict[str, Any]:
-    """Check of the memory method: one call that holds two live ``nbytes`` tensors at its peak (``2 * nbytes``
-    expected) and leaves a gradient of ``nbytes`` in a leaf (subtracted). Returns the measured extra bytes."""
-    leaf = torch.zeros(nbytes // 4, requires_grad=True)
-
-    def once() -> None:
-        x = torch.empty(nbytes // 4).fill_(1.0)
-        y = x * 2.0
-        leaf.grad = torch.ones_like(leaf)
-        del x, y
-
-    extra, method = cpu_extra_memory(once, [leaf])
-    if method.startswith("unavailable"):
-        return {"status": "error", "note": method}
-    return {"status": "ok", "bytes": int(extra), "expected": 2 * nbytes, "method": method}
-
-
-def _short(e: BaseException, n: int = 300) -> str:
-    text = f"{type(e).__name__}: {e}".replace("\n", " ")
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def run_subprocess_job(
-    module: str, func: str, kwargs: dict[str, Any], *, timeout: float, memory_env: bool, threads: int
-) -> dict[str, Any]:
-    """Call ``module.func(**kwargs)`` in a fresh Python process and return its JSON result.
-
-    ``memory_env`` sets ``MALLOC_MMAP_THRESHOLD_`` (CPU memory probes). A time-out, a crash or a kill by the kernel's
-    out-of-memory handler becomes a ``{"status": ...}`` result with the reason.
-    """
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(threads)
-    if memory_env:
-        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
-    else:
-        env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    job = json.dumps({"module": module, "func": func, "kwargs": kwargs})
-    cmd = [sys.executable, "-m", "benchmarks.harness", "--job", job]
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "note": f"did not finish within {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG) :])
-    if proc.returncode in (-9, 137):
-        return {"status": "oom", "note": "the process was killed (SIGKILL: out of memory)"}
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"status": "error", "note": f"exit {proc.returncode}: " + " | ".join(tail)}
-
-
-def _worker_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(description="benchmark worker (internal)")
-    parser.add_argument("--job", required=True)
-    args = parser.parse_args(argv)
-    job = json.loads(args.job)
-    result = getattr(importlib.import_module(job["module"]), job["func"])(**job["kwargs"])
-    sys.stdout.flush()
-    print(RESULT_TAG + json.dumps(result), flush=True)
-    return 0
+        if is_oom(e):
+            return {"status": "oom", "note": short_error(e)}
+        return {"status": "error", "note": short_error(e), "trace": traceback.format_exc(limit=4)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -766,16 +515,6 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     )
 
 
-def say(msg: str) -> None:
-    """Print a progress line without breaking an active tqdm bar."""
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(msg)
-    except ImportError:  # pragma: no cover - tqdm is a requirement
-        print(msg, flush=True)
-
-
 def run_bench(bench: Bench, shapes: Sequence[Shape], opts: BenchOptions, info: RunInfo) -> list[Row]:
     """Every provider of ``bench`` at every shape: timing rows (one per mode), memory, errors against the base,
     rates and roofline fractions, plus the roofline rows themselves. Rows are appended to the CSV as they come."""
@@ -854,27 +593,38 @@ def _run_case(
         return [info.row(**common, mode=m, status=res["status"], note=note) for m in shape.modes]
     if is_base:
         base[shape.name] = prov.name
-
-    rows = []
-    for mode in shape.modes:
-        t = Timing(**res["modes"][mode])
-        work = bench.work(shape.params, mode)
-        metric = work / (t.median_ms * 1e-3) / bench.scale if work else None
-        frac = None
-        if metric is not None and bench.roofline == "gemm":
-            frac = metric / roof[f"gemm-{shape.params.get('dtype', 'fp32')}"]
-        elif metric is not None and bench.roofline == "copy":
-            frac = metric * bench.scale / 1e9 / roof["copy"]
-        note = "" if is_base else f"err vs {base[shape.name]}"
-        row = info.row(**common, mode=mode, status="ok", time_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
-                       reps=t.n, metric=metric, unit=bench.unit, roofline_frac=frac,
-                       max_rel_err=None if is_base or mode != "full" else res.get("err"),
-                       note=note if mode == "full" else "")  # fmt: skip
-        if opts.memory and mode in shape.memory_modes:
+    rows = [_timed_row(bench, shape, prov.name, mode, res, roof, info, base) for mode in shape.modes]
+    for row in rows:
+        if opts.memory and row.mode in shape.memory_modes:
             _add_memory(row, bench, shape, prov, opts, ctx)
-        rows.append(row)
         say(_describe(row))
     return rows
+
+
+def _timed_row(
+    bench: Bench,
+    shape: Shape,
+    prov: str,
+    mode: str,
+    res: dict[str, Any],
+    roof: dict[str, float],
+    info: RunInfo,
+    base: dict[str, str],
+) -> Row:
+    """The row of one mode of a timed job: time, rate, roofline fraction, and (full mode) the error vs the base."""
+    t = Timing(**res["modes"][mode])
+    work = bench.work(shape.params, mode)
+    metric = work / (t.median_ms * 1e-3) / bench.scale if work else None
+    frac = None
+    if metric is not None and bench.roofline == "gemm":
+        frac = metric / roof[f"gemm-{shape.params.get('dtype', 'fp32')}"]
+    elif metric is not None and bench.roofline == "copy":
+        frac = metric * bench.scale / 1e9 / roof["copy"]
+    is_base = base[shape.name] == prov
+    note = "" if is_base or mode != "full" else f"err vs {base[shape.name]}"
+    return info.row(bench=bench.name, shape=shape.name, provider=prov, mode=mode, status="ok", time_ms=t.median_ms,
+                    p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.n, metric=metric, unit=bench.unit, roofline_frac=frac,
+                    max_rel_err=None if is_base or mode != "full" else res.get("err"), note=note)  # fmt: skip
 
 
 def _add_memory(row: Row, bench: Bench, shape: Shape, prov: Provider, opts: BenchOptions, ctx: SkipContext) -> None:
@@ -911,133 +661,9 @@ def _describe(r: Row) -> str:
     return "  ".join(parts)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Ratios and verdicts
-
-
-@dataclass
-class Verdict:
-    """One claim checked in a run: the measured ratio, the target, PASS / MISS / N/A and the explanation."""
-
-    claim: str
-    measured: float | None
-    target: str
-    verdict: str
-    detail: str = ""
-
-
-RATIO_FIELDS = ["run_id", "date", "commit", "device_name", "load1", "claim", "measured", "target", "verdict", "detail"]
-
-
-def lookup(rows: Sequence[Row], shape: str, provider: str, mode: str = "full") -> Row | None:
-    for r in rows:
-        if r.shape == shape and r.provider == provider and r.mode == mode:
-            return r
-    return None
-
-
-def ratio_verdict(
-    claim: str,
-    num: Row | None,
-    den: Row | None,
-    attr: str,
-    *,
-    at_most: float | None = None,
-    at_least: float | None = None,
-    why_if_miss: str = "",
-) -> Verdict:
-    """``num.attr / den.attr`` against ``<= at_most`` or ``>= at_least``; N/A (with the reason) when a side is
-    missing. Memory ratios use the extra memory (a non-positive denominator gives N/A). Without a bound the ratio
-    is reported as INFO (context, not a target)."""
-    if at_most is not None:
-        target = f"<= {at_most:g}"
-    elif at_least is not None:
-        target = f">= {at_least:g}"
-    else:
-        target = "-"
-    for side, r in (("numerator", num), ("denominator", den)):
-        if r is None or r.status != "ok" or getattr(r, attr) is None:
-            why = "not measured" if r is None else (r.note or r.mem_method or r.status)
-            return Verdict(claim, None, target, "N/A", f"{side} missing: {why}")
-    a, b = float(getattr(num, attr)), float(getattr(den, attr))
-    if attr == "extra_mem_mb":
-        if b < MEM_RESOLUTION_MB:
-            return Verdict(claim, None, target, "N/A", f"denominator {b:.3g} MiB is below the memory method's "
-                           f"~{MEM_RESOLUTION_MB:g} MiB resolution")  # fmt: skip
-        a = max(a, 0.0)  # a reading below zero is noise of the method (a few pages)
-    if b <= 0:
-        return Verdict(claim, None, target, "N/A", f"denominator {attr} = {b:g} (not positive)")
-    ratio = a / b
-    detail = f"{num.provider} {a:.4g} / {den.provider} {b:.4g} ({attr})"
-    if at_most is None and at_least is None:
-        return Verdict(claim, ratio, target, "INFO", detail)
-    ok = ratio <= at_most if at_most is not None else ratio >= at_least
-    if attr == "time_ms" and None not in (num.p20_ms, num.p80_ms, den.p20_ms, den.p80_ms):
-        lo, hi = num.p20_ms / den.p80_ms, num.p80_ms / den.p20_ms
-        bound = at_most if at_most is not None else at_least
-        if lo <= bound <= hi:
-            detail += (f"; the p20-p80 ratio range {lo:.3g}-{hi:.3g} straddles the target (load "
-                       f"{max(num.load1, den.load1):.1f}): not conclusive on this machine now")  # fmt: skip
-    if not ok and why_if_miss:
-        detail += f"; {why_if_miss}"
-    return Verdict(claim, ratio, target, "PASS" if ok else "MISS", detail)
-
-
-def print_verdicts(title: str, verdicts: Sequence[Verdict]) -> None:
-    say(f"\n== {title}: ratios measured side by side in this run ==")
-    for v in verdicts:
-        measured = "n/a" if v.measured is None else f"{v.measured:.4g}"
-        say(f"  [{v.verdict:4}] {v.claim}: measured {measured} (target {v.target})  {v.detail}")
-
-
-def append_verdicts(opts: BenchOptions, info: RunInfo, verdicts: Sequence[Verdict]) -> None:
-    if not opts.write_csv or not verdicts:
-        return
-    path = opts.out_dir / f"{opts.device}_ratios.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    load = round(os.getloadavg()[0], 2)
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RATIO_FIELDS)
-        if new:
-            w.writeheader()
-        for v in verdicts:
-            w.writerow({"run_id": info.run_id, "date": info.date, "commit": info.commit,
-                        "device_name": info.device_name, "load1": load, "claim": v.claim,
-                        "measured": "" if v.measured is None else f"{v.measured:.6g}", "target": v.target,
-                        "verdict": v.verdict, "detail": v.detail})  # fmt: skip
-
-
-def value_verdict(
-    claim: str,
-    row: Row | None,
-    attr: str,
-    *,
-    at_most: float | None = None,
-    at_least: float | None = None,
-    why_if_miss: str = "",
-) -> Verdict:
-    """``row.attr`` itself against a bound (e.g. a roofline fraction)."""
-    target = f"<= {at_most:g}" if at_most is not None else f">= {at_least:g}"
-    if row is None or row.status != "ok" or getattr(row, attr) is None:
-        why = "not measured" if row is None else (row.note or row.status)
-        return Verdict(claim, None, target, "N/A", why)
-    x = float(getattr(row, attr))
-    ok = x <= at_most if at_most is not None else x >= at_least
-    detail = f"{row.provider} {attr} = {x:.4g}"
-    if not ok and why_if_miss:
-        detail += f"; {why_if_miss}"
-    return Verdict(claim, x, target, "PASS" if ok else "MISS", detail)
-
-
 def quick_shapes(shapes: Sequence[Shape]) -> list[Shape]:
     """The short sweep (``--quick``, ``make gpu-check``): the shapes tagged ``quick``, else the first one."""
     return [s for s in shapes if "quick" in s.tags] or list(shapes[:1])
-
-
-def find_shape(shapes: Sequence[Shape], tag: str) -> Shape | None:
-    """The first shape carrying ``tag`` (claims are attached to shapes by tag)."""
-    return next((s for s in shapes if tag in s.tags), None)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -1046,13 +672,10 @@ def seeded(seed: int) -> torch.Generator:
 
 
 def bench_main(
-    bench: Bench,
-    shapes_for: Callable[[str], list[Shape]],
-    verdicts_for: Callable[[Sequence[Row], Sequence[Shape], str], list[Verdict]],
-    argv: Sequence[str] | None,
-    description: str,
+    bench: Bench, shapes_for: Callable[[str], list[Shape]], argv: Sequence[str] | None, description: str
 ) -> int:
-    """The command line of every op script: parse the common options, run, print and append the verdicts."""
+    """The command line of every op script: parse the common options, run, check the bench's claims
+    (:data:`benchmarks.claims.CLAIMS`) on the rows, print and append the verdicts."""
     parser = argparse.ArgumentParser(description=description)
     add_common_args(parser)
     args = parser.parse_args(argv)
@@ -1065,11 +688,7 @@ def bench_main(
     say(f"== {bench.name} on {info.device_name}, torch {info.torch}, {opts.threads} threads, commit {info.commit}, "
         f"load average {os.getloadavg()[0]:.2f} ==")  # fmt: skip
     rows = run_bench(bench, shapes, opts, info)
-    verdicts = verdicts_for(rows, shapes, opts.device)
+    verdicts = evaluate(bench.name, rows, shapes, opts.device, units=bench.units)
     print_verdicts(bench.name, verdicts)
     append_verdicts(opts, info, verdicts)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from .harness import RESULTS_DIR
+from .results import RESULTS_DIR
 
 BENCHES = ("span_pool", "info_nce", "lang_match", "linear_ce", "step", "data_validation")
 TITLES = {

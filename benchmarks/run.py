@@ -19,18 +19,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .harness import (
-    REPO,
-    RESULTS_DIR,
-    BenchOptions,
-    RunInfo,
-    Verdict,
-    append_verdicts,
-    print_verdicts,
-    run_info,
-    run_subprocess_job,
-    say,
-)
+from .claims import append_verdicts, evaluate, print_verdicts
+from .harness import BenchOptions
+from .memory import run_subprocess_job
+from .results import REPO, RESULTS_DIR, Row, RunInfo, run_info, say
 
 SCRIPTS = ("span_pool", "info_nce", "lang_match", "linear_ce", "step", "data_validation")
 
@@ -53,19 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--only: unknown script(s) {unknown}; choose from {SCRIPTS}")
     info = run_info(args.device, args.threads)
-    env = dict(os.environ)
-    if env.pop("TRITON_INTERPRET", None):
-        say("note: TRITON_INTERPRET is unset for the benchmarks (the interpreter is a test tool, not a benchmark)")
-    env["OMP_NUM_THREADS"] = str(args.threads) if args.threads > 0 else env.get("OMP_NUM_THREADS", "")
-    common = ["--device", args.device, "--threads", str(args.threads), "--run-id", info.run_id,
-              "--out-dir", args.out_dir]  # fmt: skip
-    if args.no_memory:
-        common.append("--no-memory")
-    if args.tiny:
-        common.append("--tiny")
-    if args.quick:
-        common.append("--quick")
-
     say(f"== alignx benchmarks, run {info.run_id}: {info.device_name}, torch {info.torch}, commit {info.commit}, "
         f"{args.threads} threads; load average at start {_load()} ==")  # fmt: skip
     load1, cores = os.getloadavg()[0], os.cpu_count() or 1
@@ -76,19 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     if args.device == "cpu" and not args.no_memory:
         _check_memory_method(args, info)
-    failed = []
-    for name in scripts:
-        extra = ["--skip-compile"] if args.skip_compile and name != "step" else []
-        # The step benchmark has one model and batch: --quick (one shape per op) does not apply to it.
-        args_of = [a for a in common if not (name == "step" and a == "--quick")]
-        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", *args_of, *extra]
-        t0 = time.perf_counter()
-        say(f"\n-- {name}: load average {_load()} --")
-        code = subprocess.run(cmd, cwd=REPO, env=env).returncode
-        say(f"-- {name}: {'done' if code == 0 else f'FAILED (exit {code})'} in {time.perf_counter() - t0:.0f} s, "
-            f"load average {_load()} --")  # fmt: skip
-        if code != 0:
-            failed.append(name)
+    env = _script_env(args.threads)
+    failed = [name for name in scripts if not _run_script(name, args, info, env)]
     elapsed = time.perf_counter() - t_start
 
     _print_run_verdicts(os.path.join(args.out_dir, f"{args.device}_ratios.csv"), info.run_id)
@@ -103,20 +71,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _script_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if env.pop("TRITON_INTERPRET", None):
+        say("note: TRITON_INTERPRET is unset for the benchmarks (the interpreter is a test tool, not a benchmark)")
+    env["OMP_NUM_THREADS"] = str(threads) if threads > 0 else env.get("OMP_NUM_THREADS", "")
+    return env
+
+
+def _run_script(name: str, args: argparse.Namespace, info: RunInfo, env: dict[str, str]) -> bool:
+    """``benchmarks.bench_<name>`` in its own process under the run's id; True when it succeeded."""
+    cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--device", args.device, "--threads", str(args.threads),
+           "--run-id", info.run_id, "--out-dir", args.out_dir]  # fmt: skip
+    cmd += ["--no-memory"] * args.no_memory + ["--tiny"] * args.tiny
+    # The step benchmark has one model and batch: --quick (one shape per op) does not apply to it.
+    cmd += ["--quick"] * (args.quick and name != "step") + ["--skip-compile"] * (args.skip_compile and name != "step")
+    t0 = time.perf_counter()
+    say(f"\n-- {name}: load average {_load()} --")
+    code = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    say(f"-- {name}: {'done' if code == 0 else f'FAILED (exit {code})'} in {time.perf_counter() - t0:.0f} s, "
+        f"load average {_load()} --")  # fmt: skip
+    return code == 0
+
+
 def _check_memory_method(args: argparse.Namespace, info: RunInfo) -> None:
     """Calibrate the CPU memory method on a known peak (two live 256 MiB tensors and a 256 MiB gradient, subtracted)
     and record it with the run's ratios."""
     nbytes = 256 << 20
-    res = run_subprocess_job("benchmarks.harness", "calibration_job", {"nbytes": nbytes}, timeout=300,
+    res = run_subprocess_job("benchmarks.memory", "calibration_job", {"nbytes": nbytes}, timeout=300,
                              memory_env=True, threads=args.threads)  # fmt: skip
-    claim = "Memory method sees a known peak (measured / expected extra bytes)"
-    if res["status"] != "ok":
-        v = Verdict(claim, None, "0.98..1.02", "N/A", f"{res['status']}: {res.get('note', '')}")
+    if res["status"] == "ok":
+        rows = [Row(provider="measured", mode="full", status="ok", extra_mem_mb=res["bytes"] / 2**20,
+                    mem_method=res["method"]),
+                Row(provider="expected", mode="full", status="ok", extra_mem_mb=res["expected"] / 2**20)]  # fmt: skip
     else:
-        ratio = res["bytes"] / res["expected"]
-        ok = 0.98 <= ratio <= 1.02
-        detail = f"{res['bytes'] / 2**20:.1f} MiB measured for {res['expected'] / 2**20:.0f} MiB ({res['method']})"
-        v = Verdict(claim, ratio, "0.98..1.02", "PASS" if ok else "MISS", detail)
+        rows = [Row(provider="measured", mode="full", status=res["status"], note=res.get("note", ""))]
+    [v] = evaluate("memory-method", rows)
+    if res["status"] == "ok":
+        v.detail += f" ({res['method']})"
     print_verdicts("memory method", [v])
     append_verdicts(BenchOptions(device=args.device, out_dir=Path(args.out_dir)), info, [v])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,10 @@ from benchmarks import (  # noqa: E402
     bench_linear_ce,
     bench_span_pool,
     bench_step,
+    claims,
+    memory,
     report,
+    results,
 )
 
 COMMON = ["--tiny", "--no-memory", "--skip-compile", "--threads", "1"]
@@ -77,13 +81,13 @@ def test_memory_method_sees_a_known_peak() -> None:
     """Fresh process + MALLOC_MMAP_THRESHOLD_ + clear_refs: two live 64 MiB tensors and a 64 MiB gradient (which is
     subtracted) must read as 128 MiB of extra memory."""
     nbytes = 64 << 20
-    res = harness.run_subprocess_job(
-        "benchmarks.harness", "calibration_job", {"nbytes": nbytes}, timeout=120, memory_env=True, threads=1
+    res = memory.run_subprocess_job(
+        "benchmarks.memory", "calibration_job", {"nbytes": nbytes}, timeout=120, memory_env=True, threads=1
     )
     assert res["status"] == "ok", res
     # A wrong method is off by a whole 64 MiB tensor; the process's own allocations add up to about 6 MiB (measured).
     assert abs(res["bytes"] - 2 * nbytes) < 16 << 20, res
-    assert res["method"] == harness.METHOD_CPU
+    assert res["method"] == memory.METHOD_CPU
 
 
 def test_max_rel_err_and_upstream_grad() -> None:
@@ -98,23 +102,66 @@ def test_max_rel_err_and_upstream_grad() -> None:
         harness.max_rel_err([a], [torch.zeros(3)])
 
 
-def _row(provider: str, **kw) -> harness.Row:
-    return harness.Row(shape="s", provider=provider, mode="full", status="ok", **kw)
+def _row(provider: str, **kw) -> results.Row:
+    return results.Row(shape="s", provider=provider, mode="full", status="ok", **kw)
 
 
 def test_ratio_verdicts() -> None:
     rows = [_row("alignx", time_ms=1.0, extra_mem_mb=5.0), _row("dense", time_ms=2.0, extra_mem_mb=100.0)]
-    alignx, dense = harness.lookup(rows, "s", "alignx"), harness.lookup(rows, "s", "dense")
-    v = harness.ratio_verdict("mem", alignx, dense, "extra_mem_mb", at_most=0.1)
+    alignx, dense = claims.lookup(rows, "s", "alignx"), claims.lookup(rows, "s", "dense")
+    v = claims.ratio_verdict("mem", alignx, dense, "extra_mem_mb", at_most=0.1)
     assert (v.verdict, v.measured) == ("PASS", 0.05)
-    v = harness.ratio_verdict("speed", dense, alignx, "time_ms", at_least=50, why_if_miss="because")
+    v = claims.ratio_verdict("speed", dense, alignx, "time_ms", at_least=50, why_if_miss="because")
     assert (v.verdict, v.measured) == ("MISS", 2.0) and "because" in v.detail
-    assert harness.ratio_verdict("ctx", alignx, dense, "time_ms").verdict == "INFO"
-    skipped = harness.Row(shape="s", provider="x", mode="full", status="skipped", note="needs CUDA")
-    v = harness.ratio_verdict("gone", skipped, dense, "time_ms", at_most=1)
+    assert claims.ratio_verdict("ctx", alignx, dense, "time_ms").verdict == "INFO"
+    skipped = results.Row(shape="s", provider="x", mode="full", status="skipped", note="needs CUDA")
+    v = claims.ratio_verdict("gone", skipped, dense, "time_ms", at_most=1)
     assert v.verdict == "N/A" and "needs CUDA" in v.detail and v.measured is None
-    assert harness.ratio_verdict("none", None, dense, "time_ms", at_most=1).verdict == "N/A"
-    assert harness.value_verdict("roof", _row("t", roofline_frac=0.9), "roofline_frac", at_least=0.8).verdict == "PASS"
+    assert claims.ratio_verdict("none", None, dense, "time_ms", at_most=1).verdict == "N/A"
+    assert claims.value_verdict("roof", _row("t", roofline_frac=0.9), "roofline_frac", at_least=0.8).verdict == "PASS"
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _recorded_rows(path: Path) -> list[results.Row]:
+    """The rows of ``cpu.csv`` as the scripts held them when they checked their claims (numbers parsed back)."""
+    types = {f.name: f.type for f in fields(results.Row)}
+    out = []
+    for r in read_csv(path):
+        kw = {k: (None if v == "" else float(v) if "float" in types[k] else int(v) if "int" in types[k] else v)
+              for k, v in r.items()}  # fmt: skip
+        out.append(results.Row(**kw))
+    return out
+
+
+def test_claims_table_gives_the_recorded_verdicts() -> None:
+    """The committed measurements, fed to the claims table, give the verdicts recorded in ``cpu_ratios.csv`` by the
+    scripts of their day. Claims added later are not in the old runs; runs where a bench appended the same case twice
+    are left out (which row counts depends on the process that checked it)."""
+    rows = _recorded_rows(RESULTS / "cpu.csv")
+    recorded = {(r["run_id"], r["claim"]): r for r in read_csv(RESULTS / "cpu_ratios.csv")}
+    modules = {m.BENCH.name: m for m in (bench_span_pool, bench_info_nce, bench_lang_match, bench_linear_ce)}
+    checked = 0
+    for run, bench in sorted({(r.run_id, r.bench) for r in rows}):
+        mine = [r for r in rows if r.run_id == run and r.bench == bench]
+        if len({(r.shape, r.provider, r.mode) for r in mine}) < len(mine):
+            continue
+        if bench in modules:
+            got = claims.evaluate(bench, mine, modules[bench].shapes("cpu"), "cpu", units=modules[bench].BENCH.units)
+        else:
+            real_model = bench == "step" and not any(r.shape.startswith("llama d=") for r in mine)
+            got = claims.evaluate(bench, mine, flags=("real-model",) if real_model else ())
+        for v in got:
+            rec = recorded.get((run, v.claim))
+            if rec is None:  # a claim added after that run
+                continue
+            assert (v.verdict, v.target) == (rec["verdict"], rec["target"]), (run, v)
+            want = float(rec["measured"]) if rec["measured"] else None  # written with 6 digits, from 6-digit rows
+            assert v.measured == (None if want is None else pytest.approx(want, rel=1e-4)), (run, v)
+            assert ("not conclusive" in v.detail) == ("not conclusive" in rec["detail"]), (run, v)
+            checked += 1
+    assert checked >= 100
 
 
 @pytest.mark.parametrize("true_max,start,limit", [(1, 16, 512), (23, 16, 512), (100, 16, 512), (700, 16, 512),

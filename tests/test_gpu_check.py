@@ -125,9 +125,10 @@ def test_benchmark_rows_written_by_the_harness_are_parsed(tmp_path: Path) -> Non
     from helpers import import_benchmarks
 
     harness = import_benchmarks()
+    from benchmarks import claims, results
 
     # RunInfo as run_info() fills it on a GPU machine (its device name comes from CUDA, absent here).
-    info = harness.RunInfo("run1", "2026-12-07T00:00:00+00:00", "abc", "cuda", "NVIDIA H100 80GB HBM3", "2.13.0", 0)
+    info = results.RunInfo("run1", "2026-12-07T00:00:00+00:00", "abc", "cuda", "NVIDIA H100 80GB HBM3", "2.13.0", 0)
     rows = [
         info.row(bench="info_nce", shape="roofline", provider="gemm-bf16", mode="-", status="ok", metric=700.0),
         info.row(bench="info_nce", shape="roofline", provider="copy", mode="-", status="ok", metric=2900.0),
@@ -136,9 +137,9 @@ def test_benchmark_rows_written_by_the_harness_are_parsed(tmp_path: Path) -> Non
         info.row(bench="info_nce", shape="B=N=16384", provider="inf_cl", mode="full", status="skipped",
                  note="inf_cl is not installed"),
     ]  # fmt: skip
-    harness.append_csv(tmp_path / "cuda.csv", rows)
+    results.append_csv(tmp_path / "cuda.csv", rows)
     opts = harness.BenchOptions(device="cuda", out_dir=tmp_path)
-    harness.append_verdicts(opts, info, [harness.Verdict("claim", 0.8, ">= 0.8", "PASS", "d")])
+    claims.append_verdicts(opts, info, [claims.Verdict("claim", 0.8, ">= 0.8", "PASS", "d")])
     got = gc.parse_bench(tmp_path)
     assert got["roofline"] == {"gemm-bf16": 700.0, "copy": 2900.0}
     triton = got["ops"]["info_nce"][0]
