@@ -275,10 +275,36 @@ class Stage2Config:
 
 @dataclass
 class EvalConfig:
-    langs: list = doc([], "Languages evaluated against English; empty = those of the data.")
+    """The held-out evaluation of one model (:func:`alignx.eval.pipeline.evaluate`): its pairs, layers and metrics.
+
+    ``alignx eval`` fills it from its flags, the demo and ``alignx compare`` from theirs; :func:`load_config` reads it
+    from a run's YAML like every other section.
+    """
+
+    langs: list = doc([], "Languages evaluated against English; empty = those of the evaluated split.")
+    split: Literal["train", "dev", "test"] = doc(
+        "test", "The evaluated split; the reference split (centring means, probe training) is dev, or train for dev."
+    )
     max_pairs: int = doc(200, "Held-out parallel pairs per language for retrieval and translation.")
-    schedule: list = doc(["base", "stage1", "stage2"], "When the evaluation report runs.")
+    layers: str = doc("all", "'all' or comma-separated layers (0 = embeddings, num_layers = the last block).")
+    align_layer: int | None = doc(None, "The layer the report's tables highlight; null = num_layers // 2.")
+    center: Literal["ref", "eval", "none"] = doc(
+        "ref", "Per-language mean-centring before cosine: on the reference split, the evaluated set, or none."
+    )
+    exclude_first: Literal["auto", "yes", "no"] = doc(
+        "auto", "Leave the first token out of the sentence means (auto: when the tokenizer adds no BOS)."
+    )
+    batch_size: int = doc(16, "Sentences per forward.")
+    perplexity: bool = doc(True, "Include held-out perplexity.")
+    ppl_pairs: int | None = doc(None, "Sentences per language scored for perplexity; null = max_pairs.")
     translate: bool = doc(True, "Include greedy translation (chrF++, BLEU).")
+    translate_pairs: int | None = doc(None, "Pairs translated per direction; null = max_pairs.")
+    directions: list = doc(["en-x", "x-en"], "Translation directions: en-x and/or x-en.")
+    max_new_tokens: int = doc(256, "Upper bound on the tokens generated per translation.")
+    instruction: str | None = doc(None, "Translation instruction; null = the training's default instruction.")
+    schedule: list = doc(
+        ["base", "stage1", "stage2"], "Which models a demo or comparison run evaluates: base, stage1, stage2."
+    )
 
 
 @dataclass
@@ -486,6 +512,11 @@ RANGES: dict[str, str] = {
     "stage2.max_steps": "-1 or >= 1",
     "stage2.lr": "> 0",
     "eval.max_pairs": ">= 1",
+    "eval.align_layer": ">= 0",
+    "eval.batch_size": ">= 1",
+    "eval.ppl_pairs": ">= 1",
+    "eval.translate_pairs": ">= 0",
+    "eval.max_new_tokens": ">= 1",
 }
 
 

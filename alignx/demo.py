@@ -31,8 +31,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignx.data.build import build
-from alignx.layout import stage_dir
+from alignx.comparison import Contender, Trained, run_comparison
+from alignx.config import Config, ConfigError, EvalConfig, load_config, parse_overrides
+from alignx.data.build import build, format_stats
+from alignx.data.sources import SourceError
+from alignx.eval.data import EvalError, load_eval_units
+from alignx.eval.pipeline import Evaluator
+from alignx.eval.report import collect_results, write_report
+from alignx.layout import export_dir, stage_dir
+from alignx.schedule import run_stages
 
 
 def demo_overrides(args: argparse.Namespace, data: Path, train_dir: Path) -> dict[str, Any]:
@@ -169,6 +176,12 @@ def parser() -> argparse.ArgumentParser:
         help="data.batching: one language direction per micro-batch (direction; reference: mixed)",
     )
     p.add_argument("--labels", choices=("all", "response"), default="all", help="data.labels (all = reference)")
+    _add_run_arguments(p)
+    return p
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Which parts of the demo run: the stages, further overrides, a reused base result, training at all."""
     p.add_argument(
         "--stages",
         choices=("all", "1", "2"),
@@ -189,7 +202,6 @@ def parser() -> argparse.ArgumentParser:
         help="a base.json of an earlier run on the same data, model, seed and pairs: reused instead of re-evaluating",
     )
     p.add_argument("--skip-train", action="store_true", help="only build the data and evaluate the base model")
-    return p
 
 
 def _set_align_layer(path: Path, layer: int) -> None:
@@ -199,14 +211,49 @@ def _set_align_layer(path: Path, layer: int) -> None:
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
 
 
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    """The demo's evaluation of every model: held-out Mark, en->x translation, the requested layer highlighted."""
+    return EvalConfig(
+        langs=demo_langs(args),
+        max_pairs=args.eval_pairs,
+        translate=args.translate_pairs > 0,
+        translate_pairs=args.translate_pairs,
+        ppl_pairs=args.ppl_pairs,
+        directions=["en-x"],
+        align_layer=None if args.align_layer == "auto" else args.align_layer,
+    )
+
+
+class TrainingStopped(RuntimeError):
+    """A stage ended with a non-zero status (the demo exits with it)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"training stopped with status {code}")
+        self.code = code
+
+
+def demo_contender(cfg: Config, args: argparse.Namespace, eval_dir: Path) -> Contender:
+    """The demo's one recipe: stage 1 and/or stage 2 as ``--stages`` says, its results labelled stage1, stage2."""
+
+    def train() -> Trained:
+        parts = {"1": f"stage 1 ({args.steps} steps)", "2": f"stage 2 ({args.stage2_steps} steps)"}
+        what = " and ".join(parts.values()) if args.stages == "all" else parts[args.stages]
+        print(f"[demo] 3/5 training {what}", flush=True)
+        code = run_stages(cfg, args.stages)
+        if code != 0:
+            raise TrainingStopped(code)
+        layer = trained_align_layer(cfg, args.align_layer)
+        if layer is not None:  # the tables highlight the layer stage 1 aligned, in every result
+            _set_align_layer(eval_dir / "base.json", layer)
+        print("[demo] 4/5 evaluating after stage 1 and after stage 2", flush=True)
+        stages = (1,) if args.stages == "1" else (1, 2)
+        return Trained({s: str(export_dir(cfg, s)) for s in stages}, layer)
+
+    return Contender("alignx", train, {1: "stage1", 2: "stage2"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``alignx demo``; returns the exit status."""
-    from alignx.config import ConfigError, load_config, parse_overrides
-    from alignx.data.build import format_stats
-    from alignx.data.sources import SourceError
-    from alignx.eval.cli import EvalError, evaluate, load_eval_units, load_model
-    from alignx.eval.report import collect_results, summary_lines, write_report
-
     args = parse_args(argv)
     out = Path(args.out)
     data, train_dir, eval_dir = out / "data", out / "train", out / "eval"
@@ -224,52 +271,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    def run_eval(model: str, label: str, align_layer: int | None) -> None:
-        lm, tok = load_model(model, cache_dir=cfg.model.cache_dir)
-        result = evaluate(
-            lm,
-            tok,
-            units,
-            langs,
-            max_pairs=args.eval_pairs,
-            translate_pairs=args.translate_pairs,
-            ppl_pairs=args.ppl_pairs,
-            directions=("en-x",),
-            align_layer=align_layer,
-            translate=args.translate_pairs > 0,
-            label=label,
-            model_name=model,
-        )
-        eval_dir.mkdir(parents=True, exist_ok=True)
-        (eval_dir / f"{label}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-        print("\n".join(summary_lines(result)), flush=True)
-        del lm
-
-    fixed_layer = None if args.align_layer == "auto" else args.align_layer
+    # The demo's results never carried the load time (timed_load): their reports stay comparable with earlier runs.
+    evaluator = Evaluator(units, eval_config(args), eval_dir, cache_dir=cfg.model.cache_dir, timed_load=False)
+    base: str | None = args.model
     if args.base_result:
         print(f"[demo] 2/5 base model: reusing {args.base_result}", flush=True)
         eval_dir.mkdir(parents=True, exist_ok=True)
         (eval_dir / "base.json").write_text(Path(args.base_result).read_text())
-    else:
-        print(f"[demo] 2/5 evaluating the base model {args.model}", flush=True)
-        run_eval(args.model, "base", fixed_layer)
-    if not args.skip_train:
-        from alignx.schedule import export_dir, run_stages
-
-        parts = {"1": f"stage 1 ({args.steps} steps)", "2": f"stage 2 ({args.stage2_steps} steps)"}
-        what = " and ".join(parts.values()) if args.stages == "all" else parts[args.stages]
-        print(f"[demo] 3/5 training {what}", flush=True)
-        code = run_stages(cfg, args.stages)
-        if code != 0:
-            print(f"error: training stopped with status {code}; resume with --resume auto", file=sys.stderr)
-            return code
-        layer = trained_align_layer(cfg, args.align_layer)
-        if layer is not None:  # the tables highlight the layer stage 1 aligned, in every result
-            _set_align_layer(eval_dir / "base.json", layer)
-        print("[demo] 4/5 evaluating after stage 1 and after stage 2", flush=True)
-        run_eval(str(export_dir(cfg, 1)), "stage1", layer)
-        if args.stages != "1":
-            run_eval(str(export_dir(cfg, 2)), "stage2", layer)
+        base = None
+    contenders = [] if args.skip_train else [demo_contender(cfg, args, eval_dir)]
+    try:
+        run_comparison(evaluator, base, contenders, prefix="[demo] 2/5")
+    except TrainingStopped as e:
+        print(f"error: {e}; resume with --resume auto", file=sys.stderr)
+        return e.code
     paths = write_report(collect_results(eval_dir), eval_dir)
     print(f"[demo] 5/5 done in {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
     print(f"report: {paths['report']}")

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignx.config import EvalConfig
 from alignx.eval.alignment import encode_layers, resolve_pooling
-from alignx.eval.cli import EvalError, evaluate, load_eval_units, main, parse_layers
+from alignx.eval.cli import main
+from alignx.eval.data import EvalError, load_eval_units, parse_layers
 from alignx.eval.perplexity import perplexity
+from alignx.eval.pipeline import evaluate
 from alignx.eval.report import collect_results, render_report, write_report
 from alignx.eval.translation import generate
 from alignx.testing import test_tokenizer as make_tokenizer
@@ -105,8 +108,8 @@ def test_batched_left_padded_generation_equals_one_by_one(lm, tok):
 
 
 def test_evaluate_report_and_plots(lm, tok, units, tmp_path):
-    base = evaluate(lm, tok, units, ["fr", "ru"], max_pairs=6, max_new_tokens=4, translate_pairs=3,
-                    directions=["en-x"], label="base", model_name="tiny", progress=False)  # fmt: skip
+    cfg = EvalConfig(langs=["fr", "ru"], max_pairs=6, max_new_tokens=4, translate_pairs=3, directions=["en-x"])
+    base = evaluate(lm, tok, units, cfg, label="base", model_name="tiny", progress=False)
     assert base["num_layers"] == 3 and base["layers"] == [0, 1, 2, 3] and base["align_layer"] == 1
     assert base["eval_range"] == "Mark 1:1 .. Mark 1:6" and base["reference_split"] == "dev"
     for lang in ("fr", "ru"):
@@ -118,8 +121,8 @@ def test_evaluate_report_and_plots(lm, tok, units, tmp_path):
 
     # A second model (different weights) stands for "after training"; the report compares both.
     other = tiny_causal_lm("llama", num_layers=3, hidden=32, seed=1)
-    after = evaluate(other, tok, units, ["fr", "ru"], max_pairs=6, translate=False, label="stage1",
-                     model_name="tiny-1", progress=False)  # fmt: skip
+    cfg = EvalConfig(langs=["fr", "ru"], max_pairs=6, translate=False)
+    after = evaluate(other, tok, units, cfg, label="stage1", model_name="tiny-1", progress=False)
     for r in (after, base):
         (tmp_path / f"{r['label']}.json").write_text(json.dumps(r))
     (tmp_path / "unrelated.json").write_text("{}")
@@ -140,11 +143,11 @@ def test_evaluate_report_and_plots(lm, tok, units, tmp_path):
 
 def test_evaluate_bad_input(lm, tok, units):
     with pytest.raises(EvalError, match="unknown split 'val'"):
-        evaluate(lm, tok, units, ["fr"], split="val", progress=False)
+        evaluate(lm, tok, units, EvalConfig(langs=["fr"], split="val"), progress=False)
     with pytest.raises(EvalError, match="besides English"):
-        evaluate(lm, tok, units, ["en"], progress=False)
+        evaluate(lm, tok, units, EvalConfig(langs=["en"]), progress=False)
     with pytest.raises(EvalError, match="directions"):
-        evaluate(lm, tok, units, ["fr"], directions=["fr-de"], progress=False)
+        evaluate(lm, tok, units, EvalConfig(langs=["fr"], directions=["fr-de"]), progress=False)
     with pytest.raises(EvalError, match=r"layers must be in 0\.\.3"):
         parse_layers("1,7", 3)
     assert parse_layers("all", 2) == [0, 1, 2] and parse_layers("2,0", 3) == [0, 2]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +68,44 @@ def best_layer(r: dict[str, Any]) -> tuple[int, float]:
     return r["layers"][i], means[i]
 
 
-def render_report(results: Sequence[dict[str, Any]], plots: dict[str, str] | None = None) -> str:
-    """The markdown text of the report over ``results`` (already ordered)."""
-    if not results:
-        raise ValueError("no results to report")
-    results = list(results)
-    first, last = results[0], results[-1]
-    labels = [r["label"] for r in results]
-    langs = list(first["retrieval"])
-    k = first["align_layer"]
-    multi = len(results) > 1
-    change = [f"{labels[0]}→{labels[-1]}"] if multi else []
-    out = ["# alignx evaluation report", ""]
+@dataclass
+class _View:
+    """The results of one report (ordered) and what every table shares: labels, languages, highlighted layer."""
 
-    out += _table(
+    results: list[dict[str, Any]]
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.results[0]
+
+    @property
+    def labels(self) -> list[str]:
+        return [r["label"] for r in self.results]
+
+    @property
+    def langs(self) -> list[str]:
+        return list(self.first["retrieval"])
+
+    @property
+    def k(self) -> int:
+        return self.first["align_layer"]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.results) > 1
+
+    @property
+    def change(self) -> list[str]:
+        """The header of the change column (first -> last result), none for a single result."""
+        return [f"{self.labels[0]}→{self.labels[-1]}"] if self.multi else []
+
+    def delta(self, vals: Sequence[Any], digits: int = 3, pct: bool = False) -> list[str]:
+        """The change cell (first -> last value), none for a single result."""
+        return [_delta(vals[0], vals[-1], digits, pct)] if self.multi else []
+
+
+def _setup_section(v: _View) -> list[str]:
+    out = _table(
         ["result", "model", "created", "split", "held-out range", "pairs per language", "layers"],
         [
             [
@@ -92,119 +117,157 @@ def render_report(results: Sequence[dict[str, Any]], plots: dict[str, str] | Non
                 ", ".join(f"{x}: {r['retrieval'][x]['n']}" for x in r["retrieval"]),
                 str(r["num_layers"]),
             ]
-            for r in results
+            for r in v.results
         ],
     )
-    pool = first["pooling"]
-    out += [
+    pool = v.first["pooling"]
+    return out + [
         "",
         f"Sentence vectors: mean of a layer's hidden states over the sentence's tokens (decoder body only; layer 0 = "
         f"embeddings), special tokens excluded: {'yes' if pool['special_tokens_excluded'] else 'no'}; first token "
         f"excluded: {'yes' if pool['first_token_excluded'] else 'no'} ({pool['reason']}). Centring before cosine: "
-        f"{first['centering']}. Retrieval chance = 1/pairs.",
+        f"{v.first['centering']}. Retrieval chance = 1/pairs.",
         "",
     ]
 
-    out += [f"## Parallel-sentence retrieval at layer {k} (top-1)", ""]
+
+def _retrieval_section(v: _View) -> list[str]:
     rows = []
-    for x in langs:
+    for x in v.langs:
         for direction, name in (("en2x", f"en→{x}"), ("x2en", f"{x}→en")):
-            vals = [_at(r, r["retrieval"][x][direction], k) for r in results]
-            rows.append([name, *(_fmt(v) for v in vals), *([_delta(vals[0], vals[-1])] if multi else [])])
-    out += _table(["direction", *labels, *change], rows)
+            vals = [_at(r, r["retrieval"][x][direction], v.k) for r in v.results]
+            rows.append([name, *(_fmt(a) for a in vals), *v.delta(vals)])
+    return [f"## Parallel-sentence retrieval at layer {v.k} (top-1)", ""] + _table(
+        ["direction", *v.labels, *v.change], rows
+    )
 
-    out += ["", f"## Parallel-vs-random cosine gap at layer {k} (centred)", ""]
-    rows = []
-    for x in langs:
-        vals = [_at(r, r["retrieval"][x]["gap"], k) for r in results]
-        par = [_at(r, r["retrieval"][x]["parallel_cos"], k) for r in results]
-        rows.append(
-            [
-                f"en–{x}",
-                *(f"{_fmt(g)} ({_fmt(p, 2)})" for g, p in zip(vals, par)),
-                *([_delta(vals[0], vals[-1])] if multi else []),
-            ]
-        )
-    out += ["Gap (mean parallel cosine in parentheses).", ""]
-    out += _table(["pair", *labels, *change], rows)
 
-    out += ["", "## en→x retrieval per layer (mean over languages)", ""]
-    layers = first["layers"]
+def _gap_section(v: _View) -> list[str]:
     rows = []
-    for layer in layers:
+    for x in v.langs:
+        vals = [_at(r, r["retrieval"][x]["gap"], v.k) for r in v.results]
+        par = [_at(r, r["retrieval"][x]["parallel_cos"], v.k) for r in v.results]
+        rows.append([f"en–{x}", *(f"{_fmt(g)} ({_fmt(p, 2)})" for g, p in zip(vals, par)), *v.delta(vals)])
+    head = ["", f"## Parallel-vs-random cosine gap at layer {v.k} (centred)", ""]
+    return head + ["Gap (mean parallel cosine in parentheses).", ""] + _table(["pair", *v.labels, *v.change], rows)
+
+
+def _layer_section(v: _View) -> list[str]:
+    rows = []
+    for layer in v.first["layers"]:
         vals = []
-        for r in results:
-            v = [_at(r, r["retrieval"][x]["en2x"], layer) for x in langs]
-            vals.append(None if any(a is None for a in v) else sum(v) / len(v))
-        mark = " (highlighted)" if layer == k else ""
-        rows.append([f"{layer}{mark}", *(_fmt(v) for v in vals), *([_delta(vals[0], vals[-1])] if multi else [])])
-    out += _table(["layer", *labels, *change], rows)
-    out += [
+        for r in v.results:
+            means = [_at(r, r["retrieval"][x]["en2x"], layer) for x in v.langs]
+            vals.append(None if any(a is None for a in means) else sum(means) / len(means))
+        mark = " (highlighted)" if layer == v.k else ""
+        rows.append([f"{layer}{mark}", *(_fmt(a) for a in vals), *v.delta(vals)])
+    best = "; ".join(f"{r['label']}: layer {best_layer(r)[0]} ({best_layer(r)[1]:.3f})" for r in v.results)
+    return [
         "",
-        "Best layer (mean en→x): "
-        + "; ".join(f"{r['label']}: layer {best_layer(r)[0]} ({best_layer(r)[1]:.3f})" for r in results),
+        "## en→x retrieval per layer (mean over languages)",
+        "",
+        *_table(["layer", *v.labels, *v.change], rows),
+        "",
+        "Best layer (mean en→x): " + best,
     ]
 
-    if any(r.get("probe") for r in results):
-        pr = next(r for r in results if r.get("probe"))["probe"]
-        out += [
-            "",
-            "## Language-identity probe accuracy per layer",
-            "",
-            f"Linear probe over {', '.join(pr['langs'])} trained on {pr['train_split']} ({pr['n_train']} "
-            f"sentences), tested on {first['split']} ({pr['n_test']}); chance {pr['chance']:.3f}. High = the "
-            "layer separates languages; low in the middle layers = languages share the space.",
-            "",
-        ]
-        rows = []
-        for layer in layers:
-            vals = [_at(r, r["probe"]["accuracy"], layer) if r.get("probe") else None for r in results]
-            rows.append([str(layer), *(_fmt(v) for v in vals), *([_delta(vals[0], vals[-1])] if multi else [])])
-        out += _table(["layer", *labels, *change], rows)
 
-    if any(r.get("translation") for r in results):
-        dirs = list(dict.fromkeys(d for r in results for d in r.get("translation", {})))
-        out += ["", "## Translation (greedy, held-out; chrF++ / BLEU)", ""]
-        rows = []
-        for d in dirs:
-            cells, chrf = [], []
-            for r in results:
-                t = r.get("translation", {}).get(d)
-                chrf.append(t["chrf++"] if t else None)
-                cells.append(
-                    "–"
-                    if not t
-                    else f"{t['chrf++']:.1f} / {t['bleu']:.1f}" + (f" ({t['empty']} empty)" if t["empty"] else "")
-                )
-            rows.append([d, *cells, *([_delta(chrf[0], chrf[-1], 1)] if multi else [])])
-        out += _table(["direction", *labels, *([f"chrF++ {change[0]}"] if multi else [])], rows)
-        tok = {t["bleu_tokenize"] for r in results for t in r.get("translation", {}).values()}
-        out += ["", f"sacrebleu: chrF++ (word_order=2); BLEU tokenize={'/'.join(sorted(tok))}."]
+def _probe_section(v: _View) -> list[str]:
+    if not any(r.get("probe") for r in v.results):
+        return []
+    pr = next(r for r in v.results if r.get("probe"))["probe"]
+    out = [
+        "",
+        "## Language-identity probe accuracy per layer",
+        "",
+        f"Linear probe over {', '.join(pr['langs'])} trained on {pr['train_split']} ({pr['n_train']} "
+        f"sentences), tested on {v.first['split']} ({pr['n_test']}); chance {pr['chance']:.3f}. High = the "
+        "layer separates languages; low in the middle layers = languages share the space.",
+        "",
+    ]
+    rows = []
+    for layer in v.first["layers"]:
+        vals = [_at(r, r["probe"]["accuracy"], layer) if r.get("probe") else None for r in v.results]
+        rows.append([str(layer), *(_fmt(a) for a in vals), *v.delta(vals)])
+    return out + _table(["layer", *v.labels, *v.change], rows)
 
-    if any(r.get("perplexity") for r in results):
-        out += ["", "## Held-out perplexity (per token; bits per character in parentheses)", ""]
-        rows = []
-        for x in ["en", *langs]:
-            vals = [r.get("perplexity", {}).get(x) for r in results]
-            cells = ["–" if v is None else f"{v['ppl']:.2f} ({v['bits_per_char']:.3f})" for v in vals]
-            a, b = vals[0], vals[-1]
-            rows.append([x, *cells, *([_delta(a and a["ppl"], b and b["ppl"], pct=True)] if multi else [])])
-        out += _table(["lang", *labels, *([f"ppl {change[0]}"] if multi else [])], rows)
 
-    if last.get("translation"):
-        out += ["", f"## Examples ({last['label']})", ""]
-        for d, t in last["translation"].items():
-            for ex in t.get("examples", [])[:2]:
-                out += [
-                    f"- **{d}** source: {ex['source']}",
-                    f"  - reference: {ex['reference']}",
-                    f"  - output: {ex['hypothesis'] or '(empty)'}",
-                ]
+def _translation_cell(t: dict[str, Any] | None) -> str:
+    if not t:
+        return "–"
+    return f"{t['chrf++']:.1f} / {t['bleu']:.1f}" + (f" ({t['empty']} empty)" if t["empty"] else "")
 
+
+def _translation_section(v: _View) -> list[str]:
+    if not any(r.get("translation") for r in v.results):
+        return []
+    rows = []
+    for d in dict.fromkeys(d for r in v.results for d in r.get("translation", {})):
+        found = [r.get("translation", {}).get(d) for r in v.results]
+        chrf = [t["chrf++"] if t else None for t in found]
+        rows.append([d, *(_translation_cell(t) for t in found), *v.delta(chrf, 1)])
+    tok = {t["bleu_tokenize"] for r in v.results for t in r.get("translation", {}).values()}
+    return [
+        "",
+        "## Translation (greedy, held-out; chrF++ / BLEU)",
+        "",
+        *_table(["direction", *v.labels, *[f"chrF++ {c}" for c in v.change]], rows),
+        "",
+        f"sacrebleu: chrF++ (word_order=2); BLEU tokenize={'/'.join(sorted(tok))}.",
+    ]
+
+
+def _perplexity_section(v: _View) -> list[str]:
+    if not any(r.get("perplexity") for r in v.results):
+        return []
+    rows = []
+    for x in ["en", *v.langs]:
+        vals = [r.get("perplexity", {}).get(x) for r in v.results]
+        cells = ["–" if a is None else f"{a['ppl']:.2f} ({a['bits_per_char']:.3f})" for a in vals]
+        rows.append([x, *cells, *v.delta([a and a["ppl"] for a in vals], pct=True)])
+    head = ["", "## Held-out perplexity (per token; bits per character in parentheses)", ""]
+    return head + _table(["lang", *v.labels, *[f"ppl {c}" for c in v.change]], rows)
+
+
+def _examples_section(v: _View) -> list[str]:
+    last = v.results[-1]
+    if not last.get("translation"):
+        return []
+    out = ["", f"## Examples ({last['label']})", ""]
+    for d, t in last["translation"].items():
+        for ex in t.get("examples", [])[:2]:
+            out += [
+                f"- **{d}** source: {ex['source']}",
+                f"  - reference: {ex['reference']}",
+                f"  - output: {ex['hypothesis'] or '(empty)'}",
+            ]
+    return out
+
+
+SECTIONS = (
+    _setup_section,
+    _retrieval_section,
+    _gap_section,
+    _layer_section,
+    _probe_section,
+    _translation_section,
+    _perplexity_section,
+    _examples_section,
+)
+
+
+def render_report(results: Sequence[dict[str, Any]], plots: dict[str, str] | None = None) -> str:
+    """The markdown text of the report over ``results`` (already ordered): one section after the other."""
+    if not results:
+        raise ValueError("no results to report")
+    view = _View(list(results))
+    out = ["# alignx evaluation report", ""]
+    for section in SECTIONS:
+        out += section(view)
     if plots:
         out += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in plots.items()]
     timing = "; ".join(
-        f"{r['label']}: " + ", ".join(f"{a} {b:.0f} s" for a, b in r.get("timing", {}).items()) for r in results
+        f"{r['label']}: " + ", ".join(f"{a} {b:.0f} s" for a, b in r.get("timing", {}).items()) for r in view.results
     )
     out += ["", f"Timing — {timing}.", ""]
     return "\n".join(out)
