@@ -43,3 +43,12 @@ def test_demo_defaults_are_the_measured_alignment_settings_and_the_reference_is_
         load_config(None, demo_overrides(parse_args(["--align-layer", "11"]), tmp_path, tmp_path)).model.align_layer
         == 11
     )
+
+
+def test_demo_learning_rate_is_the_measured_one_and_the_reference_keeps_its_own(tmp_path: Path) -> None:
+    """7e-5 doubles Swahili within +2 % English perplexity (examples/demo); --reference keeps its committed 3e-5."""
+    cfg = load_config(None, demo_overrides(parse_args([]), tmp_path, tmp_path))
+    ref = load_config(None, demo_overrides(parse_args(["--reference"]), tmp_path, tmp_path))
+    assert (cfg.optim.lr, ref.optim.lr) == (7e-5, 3e-5)
+    for argv in (["--lr", "1e-4"], ["--reference", "--lr", "1e-4"]):
+        assert load_config(None, demo_overrides(parse_args(argv), tmp_path, tmp_path)).optim.lr == 1e-4
