@@ -83,72 +83,80 @@ def _name(code: str) -> str:
     return lang_name(code)
 
 
+def _record(instruction: str, input: str, output: str, lang: str) -> dict:
+    return {"instruction": instruction, "input": input, "output": output, "lang": lang}
+
+
+def _continue(unit: Unit, lang: str, rng: random.Random, pool: Sequence[Unit]) -> dict | None:
+    """The first words of a sentence -> the rest (None for fewer than 6 words)."""
+    words = unit.texts[lang].split()
+    if len(words) < 6:
+        return None
+    cut = rng.randint(max(2, len(words) // 3), max(2, (2 * len(words)) // 3))
+    instruction = f"Continue the following {_name(lang)} text."
+    return _record(instruction, " ".join(words[:cut]), " ".join(words[cut:]), lang)
+
+
+def _choose(unit: Unit, lang: str, rng: random.Random, pool: Sequence[Unit]) -> dict | None:
+    """Which of two ``lang`` sentences translates the English one (None without a distractor in ``pool``)."""
+    wrong = _distractor(unit, lang, rng, pool)
+    if wrong is None:
+        return None
+    text = unit.texts[lang]
+    right_first = rng.random() < 0.5
+    a, b = (text, wrong) if right_first else (wrong, text)
+    instruction = (
+        f"Which of the two {_name(lang)} sentences, A or B, is the translation of the English sentence? Answer with "
+        "A or B."
+    )
+    return _record(instruction, f"English: {unit.texts[PIVOT]}\nA: {a}\nB: {b}", "A" if right_first else "B", lang)
+
+
+def _repeat(unit: Unit, lang: str, rng: random.Random, pool: Sequence[Unit]) -> dict:
+    text = unit.texts[lang]
+    return _record(f"Repeat the following {_name(lang)} text exactly.", text, text, lang)
+
+
+def _identify(unit: Unit, lang: str, rng: random.Random, pool: Sequence[Unit]) -> dict:
+    which = rng.choice(sorted(unit.texts))
+    instruction = "Which language is the following text written in? Answer with the name of the language."
+    return _record(instruction, unit.texts[which], _name(which), PIVOT)
+
+
+def _book(unit: Unit, lang: str, rng: random.Random, pool: Sequence[Unit]) -> dict:
+    instruction = "Which book of the Bible is the following verse from? Answer with its English name."
+    return _record(instruction, unit.texts[lang], unit.group, PIVOT)
+
+
+def _translate(unit: Unit, lang: str, rng: random.Random, pool: Sequence[Unit]) -> dict:
+    src, tgt = (PIVOT, lang) if rng.random() < 0.5 else (lang, PIVOT)
+    phrase = CATALOG_PHRASE if unit.source != "bible" else rng.choice(TRANSLATE_PHRASES)
+    return _record(phrase.format(src=_name(src), tgt=_name(tgt)), unit.texts[src], unit.texts[tgt], tgt)
+
+
+_TASK_RECORDS = {
+    "translate": _translate,
+    "repeat": _repeat,
+    "identify": _identify,
+    "continue": _continue,
+    "choose": _choose,
+    "book": _book,
+}
+"""Task -> ``(unit, lang, rng, pool) -> record``; None = the task does not fit the unit (then ``translate``)."""
+
+
 def stage2_record(unit: Unit, lang: str, rng: random.Random, pool: Sequence[Unit]) -> dict:
     """One instruction record for language ``lang`` of ``unit``, its task drawn from :data:`TASKS`.
 
-    ``pool`` holds the units of the same split and source (distractors of ``choose``).
+    ``pool`` holds the units of the same split and source (distractors of ``choose``). A ``continue`` on fewer than
+    6 words or a ``choose`` without a distractor becomes ``translate``.
     """
     weights = dict(TASKS)
     if unit.source != "bible":
         weights["translate"] += weights.pop("book")
     task = rng.choices(list(weights), weights=list(weights.values()))[0]
-    text = unit.texts[lang]
-    if task == "continue":
-        words = text.split()
-        if len(words) < 6:
-            task = "translate"
-        else:
-            cut = rng.randint(max(2, len(words) // 3), max(2, (2 * len(words)) // 3))
-            return {
-                "instruction": f"Continue the following {_name(lang)} text.",
-                "input": " ".join(words[:cut]),
-                "output": " ".join(words[cut:]),
-                "lang": lang,
-            }
-    if task == "choose":
-        wrong = _distractor(unit, lang, rng, pool)
-        if wrong is None:
-            task = "translate"
-        else:
-            right_first = rng.random() < 0.5
-            a, b = (text, wrong) if right_first else (wrong, text)
-            return {
-                "instruction": f"Which of the two {_name(lang)} sentences, A or B, is the translation of the English "
-                "sentence? Answer with A or B.",
-                "input": f"English: {unit.texts[PIVOT]}\nA: {a}\nB: {b}",
-                "output": "A" if right_first else "B",
-                "lang": lang,
-            }
-    if task == "repeat":
-        return {
-            "instruction": f"Repeat the following {_name(lang)} text exactly.",
-            "input": text,
-            "output": text,
-            "lang": lang,
-        }
-    if task == "identify":
-        which = rng.choice(sorted(unit.texts))
-        return {
-            "instruction": "Which language is the following text written in? Answer with the name of the language.",
-            "input": unit.texts[which],
-            "output": _name(which),
-            "lang": PIVOT,
-        }
-    if task == "book":
-        return {
-            "instruction": "Which book of the Bible is the following verse from? Answer with its English name.",
-            "input": text,
-            "output": unit.group,
-            "lang": PIVOT,
-        }
-    src, tgt = (PIVOT, lang) if rng.random() < 0.5 else (lang, PIVOT)
-    phrase = CATALOG_PHRASE if unit.source != "bible" else rng.choice(TRANSLATE_PHRASES)
-    return {
-        "instruction": phrase.format(src=_name(src), tgt=_name(tgt)),
-        "input": unit.texts[src],
-        "output": unit.texts[tgt],
-        "lang": tgt,
-    }
+    record = _TASK_RECORDS[task](unit, lang, rng, pool)
+    return record if record is not None else _translate(unit, lang, rng, pool)
 
 
 def _distractor(unit: Unit, lang: str, rng: random.Random, pool: Sequence[Unit], tries: int = 16) -> str | None:
@@ -219,6 +227,39 @@ def build(
         versions: Bible versions per language (``{"tl": "ADB1905"}``).
         paths: per-source input overriding the installed package (``{"bible": "fixture.tsv"}``).
     """
+    langs = _check_args(sources, langs, pairs)
+    out = Path(out)
+    units, source_stats = _collect_units(
+        sources, langs, dict(paths or {}), versions, seed, max_per_lang, max_eval_per_lang
+    )
+    rng = random.Random(seed)
+    stats: dict[str, dict] = defaultdict(lambda: defaultdict(int))
+    written: dict[str, str] = {}
+    for split in SPLITS:
+        part = [u for u in units if u.split == split]
+        written.update(_write_split(out, split, part, pairs, rng, stats, progress))
+    table = {lang: dict(stats[lang]) for lang in langs}
+    summary = {
+        "sources": list(sources),
+        "langs": langs,
+        "pairs": pairs,
+        "seed": seed,
+        "max_per_lang": max_per_lang,
+        "max_eval_per_lang": max_eval_per_lang,
+        "versions": _bible_versions(source_stats["bible"]["langs"], versions) if "bible" in source_stats else {},
+        "source_stats": source_stats,
+        "per_language": table,
+        "tasks": dict(TASKS),
+        "files": written,
+    }
+    (out / "stats.json").write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "stats.md").write_text(format_stats(table) + "\n", encoding="utf-8")
+    (out / "build.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return summary
+
+
+def _check_args(sources: Sequence[str], langs: Sequence[str], pairs: str) -> list[str]:
+    """The languages, English first and normalised; unknown sources or codes and a bad ``pairs`` are errors."""
     if pairs not in ("english", "all"):
         raise SourceError(f"pairs must be 'english' or 'all', got {pairs!r}")
     for s in sources:
@@ -232,9 +273,20 @@ def build(
         raise SourceError(str(e)) from None
     if len(langs) < 2:
         raise SourceError("give at least one language besides English (--langs en,sw)")
-    paths = dict(paths or {})
-    out = Path(out)
+    return langs
 
+
+def _collect_units(
+    sources: Sequence[str],
+    langs: list[str],
+    paths: dict[str, str],
+    versions: dict[str, str] | None,
+    seed: int,
+    max_per_lang: int | None,
+    max_eval_per_lang: int | None,
+) -> tuple[list[Unit], dict[str, dict]]:
+    """The units of every source (train capped per language with ``seed``, dev/test their first ones) and the
+    statistics per source; a language no source has is an error."""
     units: list[Unit] = []
     source_stats: dict[str, dict] = {}
     covered: set[str] = set()
@@ -264,55 +316,35 @@ def build(
     missing = [lang for lang in langs if lang not in covered]
     if missing:
         raise SourceError(f"no source among {list(sources)} has data for {missing}")
+    return units, source_stats
 
-    rng = random.Random(seed)
-    stats: dict[str, dict] = defaultdict(lambda: defaultdict(int))
-    written: dict[str, str] = {}
-    for split in SPLITS:
-        part = [u for u in units if u.split == split]
-        s1: list[dict] = []
-        s2: list[dict] = []
-        pools: dict[str, list[Unit]] = defaultdict(list)
-        for u in part:
-            pools[u.source].append(u)
-        for u in tqdm(part, desc=f"records {split}", unit="unit", disable=not progress, leave=False, mininterval=1.0):
-            s1 += stage1_records(u, pairs)
-            for lang in u.texts:
-                if lang != PIVOT:
-                    s2.append(stage2_record(u, lang, rng, pools[u.source]))
-                stats[lang][f"units_{split}"] += 1
-                stats[lang][f"chars_{split}"] += len(u.texts[lang])
-        if split == "train":
-            rng.shuffle(s1)
-            rng.shuffle(s2)
-        for rec in s1:
-            stats[rec["src_lang"]][f"stage1_{split}"] += 1
-        for rec in s2:
-            stats[rec["lang"]][f"stage2_{split}"] += 1
-        written[f"stage1/{split}.jsonl"] = _write_jsonl(out / "stage1" / f"{split}.jsonl", s1)
-        written[f"stage2/{split}.jsonl"] = _write_jsonl(out / "stage2" / f"{split}.jsonl", s2)
-        written[f"parallel/{split}.jsonl"] = _write_jsonl(
-            out / "parallel" / f"{split}.jsonl", [u.to_dict() for u in part]
-        )
 
-    table = {lang: dict(stats[lang]) for lang in langs}
-    summary = {
-        "sources": list(sources),
-        "langs": langs,
-        "pairs": pairs,
-        "seed": seed,
-        "max_per_lang": max_per_lang,
-        "max_eval_per_lang": max_eval_per_lang,
-        "versions": _bible_versions(source_stats["bible"]["langs"], versions) if "bible" in source_stats else {},
-        "source_stats": source_stats,
-        "per_language": table,
-        "tasks": dict(TASKS),
-        "files": written,
-    }
-    (out / "stats.json").write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "stats.md").write_text(format_stats(table) + "\n", encoding="utf-8")
-    (out / "build.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return summary
+def _write_split(
+    out: Path, split: str, part: list[Unit], pairs: str, rng: random.Random, stats: dict, progress: bool
+) -> dict[str, str]:
+    """Write the stage-1, stage-2 and parallel files of one split (train shuffled with ``rng``), count them into
+    ``stats`` (language -> counter) and return their hashes (path under ``out`` -> sha256)."""
+    s1: list[dict] = []
+    s2: list[dict] = []
+    pools: dict[str, list[Unit]] = defaultdict(list)
+    for u in part:
+        pools[u.source].append(u)
+    for u in tqdm(part, desc=f"records {split}", unit="unit", disable=not progress, leave=False, mininterval=1.0):
+        s1 += stage1_records(u, pairs)
+        for lang in u.texts:
+            if lang != PIVOT:
+                s2.append(stage2_record(u, lang, rng, pools[u.source]))
+            stats[lang][f"units_{split}"] += 1
+            stats[lang][f"chars_{split}"] += len(u.texts[lang])
+    if split == "train":
+        rng.shuffle(s1)
+        rng.shuffle(s2)
+    for rec in s1:
+        stats[rec["src_lang"]][f"stage1_{split}"] += 1
+    for rec in s2:
+        stats[rec["lang"]][f"stage2_{split}"] += 1
+    rows = {"stage1": s1, "stage2": s2, "parallel": [u.to_dict() for u in part]}
+    return {f"{kind}/{split}.jsonl": _write_jsonl(out / kind / f"{split}.jsonl", r) for kind, r in rows.items()}
 
 
 def _first_per_lang(units: list[Unit], cap: int | None) -> list[Unit]:

@@ -23,6 +23,28 @@ if TYPE_CHECKING:
 __all__ = ["Collator", "PackedCollator", "batch_tokens"]
 
 
+def _checked_rows(
+    rows: list[dict[str, Any]] | dict[str, list[Any]], who: str
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of a list or of a columnar batch (``dataset[indices]``) and their lengths ``[B]``; an empty batch,
+    an empty row or a ``labels`` / ``span_ids`` list of another length than ``input_ids`` is an error."""
+    if isinstance(rows, dict):
+        keys = list(rows)
+        rows = [dict(zip(keys, values)) for values in zip(*rows.values())]
+    if not rows:
+        raise ValueError(f"{who} got an empty list of rows")
+    lengths = []
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        if n == 0:
+            raise ValueError(f"row {i} has no tokens")
+        for key in ("labels", "span_ids"):
+            if key in row and len(row[key]) != n:
+                raise ValueError(f"row {i}: len({key})={len(row[key])} != len(input_ids)={n}")
+        lengths.append(n)
+    return rows, lengths
+
+
 class Collator:
     """``rows -> {input_ids, attention_mask, labels, span_ids: [B, T], src_lang, tgt_lang: [B]}`` (all int64).
 
@@ -63,20 +85,7 @@ class Collator:
 
     def __call__(self, rows: list[dict[str, Any]] | dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         """Collate a list of rows, or a columnar batch ``{"input_ids": [[...], ...], ...}`` (``dataset[indices]``)."""
-        if isinstance(rows, dict):
-            keys = list(rows)
-            rows = [dict(zip(keys, values)) for values in zip(*rows.values())]
-        if not rows:
-            raise ValueError("Collator got an empty list of rows")
-        lengths = []
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            if n == 0:
-                raise ValueError(f"row {i} has no tokens")
-            for key in ("labels", "span_ids"):
-                if key in row and len(row[key]) != n:
-                    raise ValueError(f"row {i}: len({key})={len(row[key])} != len(input_ids)={n}")
-            lengths.append(n)
+        rows, lengths = _checked_rows(rows, "Collator")
         m = self.pad_to_multiple_of
         T = -(-max(lengths) // m) * m
         B = len(rows)
@@ -119,19 +128,9 @@ class PackedCollator:
     """
 
     def __call__(self, rows: list[dict[str, Any]] | dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-        if isinstance(rows, dict):
-            keys = list(rows)
-            rows = [dict(zip(keys, values)) for values in zip(*rows.values())]
-        if not rows:
-            raise ValueError("PackedCollator got an empty list of rows")
-        ids, labels, spans, positions, lengths = [], [], [], [], []
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            if n == 0:
-                raise ValueError(f"row {i} has no tokens")
-            for key in ("labels", "span_ids"):
-                if key in row and len(row[key]) != n:
-                    raise ValueError(f"row {i}: len({key})={len(row[key])} != len(input_ids)={n}")
+        rows, lengths = _checked_rows(rows, "PackedCollator")
+        ids, labels, spans, positions = [], [], [], []
+        for row, n in zip(rows, lengths):
             lab = torch.as_tensor(row.get("labels", row["input_ids"]), dtype=torch.long).clone()
             lab[0] = IGNORE_INDEX
             ids.append(torch.as_tensor(row["input_ids"], dtype=torch.long))
@@ -142,7 +141,6 @@ class PackedCollator:
                 else torch.zeros(n, dtype=torch.long)
             )
             positions.append(torch.arange(n))
-            lengths.append(n)
         cu_seqlens = torch.zeros(len(rows) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths), 0)
         return {

@@ -32,7 +32,7 @@ from pathlib import Path
 from alignx.data.records import DataError
 from alignx.languages import lang_name
 
-__all__ = ["ALPACA", "Rendered", "Template", "instruction_text", "load_template"]
+__all__ = ["ALPACA", "Segment", "Template", "instruction_text", "load_template"]
 
 _PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -44,16 +44,18 @@ _PREAMBLE_NO_INPUT = (
 
 
 @dataclass(frozen=True)
-class Rendered:
-    """A rendered training text and where its parts are (character ranges ``[start, end)`` into ``text``).
+class Segment:
+    """A text to tokenise and where its parts are (character ranges ``[start, end)`` into ``text``).
 
-    ``source`` is the range of the input (empty ``(p, p)`` for the no-input variant); ``target`` the range of the
-    output, which always ends the text.
+    ``source`` is the range of the source (a template's input; empty ``(p, p)`` for the no-input variant),
+    ``target`` the range of the target (a template's output, which then ends the text). A record format renders its
+    records to segments (:mod:`alignx.data.formats`); the token regions come from these ranges
+    (:func:`alignx.data.segments.token_regions`).
     """
 
     text: str
-    source: tuple[int, int]
-    target: tuple[int, int]
+    source: tuple[int, int] = (0, 0)
+    target: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Template:
         if self.prompt_no_input is not None:
             _check_fields(self.prompt_no_input, set(), {"instruction"}, f"template {self.name!r} prompt_no_input")
 
-    def render(self, instruction: str, input: str | None, output: str) -> Rendered:
+    def render(self, instruction: str, input: str | None, output: str) -> Segment:
         """``prompt(instruction, input) + output`` with the character ranges of ``input`` and ``output``.
 
         ``input`` None or "" selects ``prompt_no_input`` (an error if the template has none).
@@ -94,7 +96,7 @@ class Template:
             parts.append(value)
             pos += len(value)
         parts.append(output)
-        return Rendered("".join(parts), source or (pos, pos), (pos, pos + len(output)))
+        return Segment("".join(parts), source or (pos, pos), (pos, pos + len(output)))
 
 
 def _check_fields(pattern: str, required: set[str], optional: set[str], what: str) -> None:

@@ -43,7 +43,7 @@ __all__ = [
     "iter_jsonl",
     "normalize_stage1",
     "normalize_stage2",
-    "bad_line_row",
+    "blank_row",
     "describe_bad_lines",
     "has_records",
     "read_jsonl",
@@ -172,11 +172,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [rec for _, rec in iter_jsonl(path)]
 
 
-def bad_line_row(stage: int, line: int, reason: str, detail: str) -> dict[str, Any]:
-    """The fixed-schema row of a line that holds no record (so that it is counted like any dropped record)."""
-    texts = ("src_text", "tgt_text", "instruction") if stage == 1 else ("instruction", "input", "output")
+def blank_row(texts: tuple[str, ...], line: int, drop: str = "", detail: str = "") -> dict[str, Any]:
+    """A fixed-schema row with empty ``texts`` and unusable language ids: the row of a line that holds no record
+    (``drop`` its reason, so that it is counted like any dropped record), or the base a normaliser fills in."""
     row: dict[str, Any] = dict.fromkeys(texts, "")
-    row.update(src_lang=-1, tgt_lang=-1, bad_code="", drop=reason, detail=detail, line=line)
+    row.update(src_lang=-1, tgt_lang=-1, bad_code="", drop=drop, detail=detail, line=line)
     return row
 
 

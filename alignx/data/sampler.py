@@ -168,21 +168,12 @@ def micro_batches(
         ``n_steps * A`` lists of ``m`` indices (``n_steps = steps_per_epoch(...)``); rank ``r``'s ``j``-th list is
         global micro-batch ``j W + r``.
     """
-    for name, value in (("micro_batch_size", micro_batch_size), ("world_size", world_size), ("grad_accum", grad_accum)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
-    global_batch = micro_batch_size * world_size * grad_accum
-    n = len(lengths)
-    if n == 0:
-        raise ValueError("micro_batches got no records")
-    if drop_last and n < global_batch:
-        raise ValueError(
-            f"{n} records are fewer than one global batch of {global_batch} (micro {micro_batch_size} x world "
-            f"{world_size} x accumulation {grad_accum}); with drop_last there would be no step"
+    global_batch = _global_batch(micro_batch_size, world_size, rank, grad_accum, n=len(lengths), drop_last=drop_last)
+    if strata is None:
+        order = epoch_order(
+            lengths, global_batch, seed=seed, epoch=epoch, group_by_length=group_by_length, drop_last=drop_last
         )
-    if strata is not None:
+    else:
         order = direction_order(
             lengths,
             strata,
@@ -198,13 +189,28 @@ def micro_batches(
                 f"direction-homogeneous batching leaves fewer whole micro-batches than one global batch of "
                 f"{global_batch}; lower train.global_batch_size or use data.batching=mixed"
             )
-    else:
-        order = epoch_order(
-            lengths, global_batch, seed=seed, epoch=epoch, group_by_length=group_by_length, drop_last=drop_last
-        )
     m = micro_batch_size
-    n_micro = len(order) // m
-    return [order[k * m : (k + 1) * m] for k in range(rank, n_micro, world_size)]
+    return [order[k * m : (k + 1) * m] for k in range(rank, len(order) // m, world_size)]
+
+
+def _global_batch(
+    micro_batch_size: int, world_size: int, rank: int, grad_accum: int, *, n: int, drop_last: bool
+) -> int:
+    """``G = m * W * A`` after checking the arguments of :func:`micro_batches` for ``n`` records."""
+    for name, value in (("micro_batch_size", micro_batch_size), ("world_size", world_size), ("grad_accum", grad_accum)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    global_batch = micro_batch_size * world_size * grad_accum
+    if n == 0:
+        raise ValueError("micro_batches got no records")
+    if drop_last and n < global_batch:
+        raise ValueError(
+            f"{n} records are fewer than one global batch of {global_batch} (micro {micro_batch_size} x world "
+            f"{world_size} x accumulation {grad_accum}); with drop_last there would be no step"
+        )
+    return global_batch
 
 
 def steps_per_epoch(n: int, micro_batch_size: int, world_size: int, grad_accum: int, drop_last: bool = True) -> int:

@@ -1,49 +1,27 @@
-"""Tokenisation with source/target spans from character offsets, truncation, labels and counted drops.
+"""Data preparation, one pipeline for every record format: read -> validate -> render -> tokenise -> cache -> report.
 
-Spans
------
-A record is rendered to text with the character ranges of its source ``x`` and target ``y``
-(:meth:`alignx.data.prompt.Template.render`). The whole text is tokenised once, with the tokenizer's own special
-tokens (BOS where the tokenizer adds one) and ``return_offsets_mapping``; every token ``t`` covers the characters
-``[a_t, b_t)``. Each character has a region: 0 prompt, 1 source, 2 target. The region of a token is decided by
-:func:`token_regions`:
+:func:`prepare` takes a :class:`~alignx.data.formats.RecordFormat` (or its registered name) and two JSONL files:
 
-1. Special tokens (BOS, EOS, pad) and tokens with an empty character range are region 0.
-2. Count the token's characters per region, **ignoring whitespace characters** when the token has any
-   non-whitespace character (a whitespace-only token counts all its characters).
-3. The token is in span ``r`` (source or target) iff **strictly more than half** of its counted characters are
-   in ``r``; otherwise it is prompt (0). A tie is not a majority.
+1. **read and validate** (:func:`_load_raw`): every non-blank line becomes a fixed-schema row through the format's
+   ``normalize``; a bad line becomes a row with its reason (:data:`alignx.data.records.LINE_REASONS`), a copy of an
+   earlier usable record a ``duplicate`` (formats that deduplicate). The rows are cached (``datasets``, keyed by the
+   file's path, size and mtime). Bad lines then stop the run or are counted (``data.on_bad_lines``).
+2. **render and tokenise** (:class:`Encoder`, a ``datasets.map`` function): the format renders each usable row to
+   segments, :class:`alignx.data.segments.SegmentTokenizer` tokenises them (spans, truncation, EOS and labels: the
+   rule of :mod:`alignx.data.segments`), the format builds the row's columns or names its drop reason. The rows are
+   cached, keyed by the validated rows, the tokenizer, the format and its options.
+3. **report** (:func:`format_report`): kept and dropped per reason with example lines, lengths, truncation.
 
-So a token that straddles a boundary goes to the side holding most of its visible characters: a leading-space
-token ``" Hello"`` whose space belongs to the template is source (5 of 5 visible characters); a token ``":\nThe"``
-that merges the end of ``### Input:\n`` with the first source word is source (3 of 4); a token ``".\n\n###"``
-that merges the source's final period with the next header is prompt (1 of 4), so that period is not pooled; a
-token ``".\n\n"`` is source (its only visible character is the period); ``":\nA"`` (1 of 2) and a whitespace
-token ``"\n "`` whose space starts the source (1 of 2) are prompt. A token that is mostly prompt is never in a
-span. Tokens sharing one character range (byte-level pieces of one emoji or of one Devanagari cluster) all get
-that character's region. Nothing depends on how a *prefix* of the prompt would tokenise, which differs from the
-full tokenisation for many tokenizers (a SentencePiece-style tokenizer that merges ``".\n\n###"`` makes the
-prefix-count method put the header tokens into the source span).
+Without an eval file, ``data.eval_size`` rows are held out of the training rows (:func:`_held_out`).
 
-Sequence layout (reference, method.md section 1.2)
---------------------------------------------------
-``tokens = tokenize(text)[:cutoff_len]``; EOS is appended iff the last token is not EOS and
-``len(tokens) < cutoff_len`` (a sequence that fills ``cutoff_len`` exactly gets no EOS, as in the reference).
-``span_ids``: 1 on source tokens, 2 on target tokens, 0 elsewhere (BOS, prompt, EOS, padding). The official code
-marks target positions ``[output_start, L - 1)``, i.e. it leaves the last sequence token unmarked; untruncated,
-that token is EOS, which has no characters and is region 0 here too. **For a truncated target we mark every
-surviving target token, including the last one** (the official code leaves that one unmarked; it is a real target
-token, and ``min_target_tokens`` counts marked tokens). Stage 2 has no spans (all zeros).
-
-Labels: ``data.labels = "all"`` (reference) copies ``input_ids``; ``"response"`` keeps only target tokens and the
-EOS, ``-100`` elsewhere.
-
-Drops (counted, never raised; see :data:`alignx.data.records.DROP_REASONS`), in this order of precedence:
-missing_field, bad_field_type, unknown_language, empty_source, empty_target (stage 2 also empty_instruction), then
-after tokenisation source_truncated (fewer source tokens survive than the full text has; the target is then gone
-too), no_source_tokens, short_target (fewer than ``min_target_tokens`` marked target tokens after truncation);
-stage 2: response_truncated. Every kept stage-1 row therefore has >= 1 source token and >= ``min_target_tokens``
-target tokens: the pooling never divides by zero.
+Stage 1 (:class:`PairsFormat`) and stage 2 (:class:`InstructionsFormat`) render with the prompt template
+(:mod:`alignx.data.prompt`). Drops (counted, never raised; see :data:`alignx.data.records.DROP_REASONS`), in this
+order of precedence: missing_field, bad_field_type, unknown_language, empty_source, empty_target (stage 2 also
+empty_instruction), then after tokenisation source_truncated (fewer source tokens survive than the full text has;
+the target is then gone too), no_source_tokens, short_target (fewer than ``min_target_tokens`` marked target tokens
+after truncation); stage 2: response_truncated. Every kept stage-1 row therefore has >= 1 source token and >=
+``min_target_tokens`` target tokens: the pooling never divides by zero. Stage-1 ``span_ids`` are 1 on source tokens,
+2 on target tokens, 0 elsewhere (BOS, prompt, EOS, padding); stage 2 has no spans (all zeros).
 """
 
 from __future__ import annotations
@@ -52,29 +30,33 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from alignx.constants import DEFAULT_INSTRUCTION, IGNORE_INDEX, RECIPE_DATA_KINDS
-from alignx.constants import PROMPT_SPAN as PROMPT
+from alignx.constants import DEFAULT_INSTRUCTION, RECIPE_DATA_KINDS
 from alignx.constants import SOURCE_SPAN as SOURCE
 from alignx.constants import TARGET_SPAN as TARGET
-from alignx.data.prompt import Rendered, Template, instruction_text, load_template
+from alignx.data.formats import ROW_COLUMNS, STAT_COLUMNS, RecordFormat, get_format, register_format
+from alignx.data.prompt import Segment, Template, instruction_text, load_template
+
+# The checks are looked up in this module when they run: benchmarks/bench_data_validation.py swaps them here.
 from alignx.data.records import (
     DROP_REASONS,
     LINE_REASONS,
     DataError,
     Duplicates,
-    bad_line_row,
+    blank_row,
     describe_bad_lines,
     has_records,
     normalize_stage1,
     normalize_stage2,
     scan_jsonl,
 )
+from alignx.data.segments import SegmentTokenizer, Tokenized, lm_columns
 from alignx.languages import lang_code
 
 if TYPE_CHECKING:
@@ -85,12 +67,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Encoder",
+    "InstructionsFormat",
+    "PairsFormat",
     "Prepared",
     "check_bad_lines",
     "format_report",
+    "prepare",
     "prepare_stage1",
     "prepare_stage2",
-    "token_regions",
+    "preparer",
     "validate_inputs",
 ]
 
@@ -98,69 +83,135 @@ __all__ = [
 FORMAT_VERSION = "alignx-data-2"
 
 BAD_LINES_FILE = "bad_lines.jsonl"  # <train.output_dir>/bad_lines.jsonl: every bad line of a refused input
-ROW_COLUMNS = ("input_ids", "labels", "span_ids", "src_lang", "tgt_lang", "length")
-_PROBE = "Probe: Hello world!\n\n### Input:\n 你好 😀 नमस्ते"
 
 
-def token_regions(
-    text: str,
-    source: tuple[int, int],
-    target: tuple[int, int],
-    offsets: list[tuple[int, int]] | np.ndarray,
-    special_mask: list[int] | np.ndarray | None = None,
-) -> np.ndarray:
-    """Region (0 prompt, 1 source, 2 target) of each token, by strict majority of its visible characters.
+# ----------------------------------------------------------------------------------------------------------------
+# The prompt-template formats: stage-1 pairs and stage-2 instructions
 
-    Args:
-        text: the rendered text, ``len(text) = C``.
-        source, target: character ranges ``[start, end)`` of the source and the target in ``text``.
-        offsets: ``[L, 2]`` character range of each token (the tokenizer's ``offset_mapping``).
-        special_mask: ``[L]`` 1 for special tokens (region 0 whatever their offsets).
 
-    Returns:
-        ``[L]`` int8 regions. With ``n_r(t)`` the number of characters of region ``r`` in token ``t`` (whitespace
-        excluded unless the token is only whitespace), ``region(t) = r`` if ``2 n_r(t) > sum_r' n_r'(t)`` for
-        ``r`` in {source, target}, else 0; also 0 for special tokens and empty ranges.
-    """
-    n = len(text)
-    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    starts = np.clip(offsets[:, 0], 0, n)
-    ends = np.clip(offsets[:, 1], 0, n)
-    char_region = np.zeros(n, dtype=np.int8)
-    char_region[source[0] : source[1]] = SOURCE
-    char_region[target[0] : target[1]] = TARGET
-    visible = np.fromiter((not c.isspace() for c in text), dtype=bool, count=n)
-    counts = np.zeros((3, len(offsets)), dtype=np.int64)
-    counts_all = np.zeros((3, len(offsets)), dtype=np.int64)
-    for r in (PROMPT, SOURCE, TARGET):
-        in_r = char_region == r
-        cum = np.concatenate([[0], np.cumsum(in_r & visible)])
-        cum_all = np.concatenate([[0], np.cumsum(in_r)])
-        counts[r] = cum[ends] - cum[starts]
-        counts_all[r] = cum_all[ends] - cum_all[starts]
-    counts = np.where(counts.sum(0, keepdims=True) > 0, counts, counts_all)
-    total = counts.sum(0)
-    region = np.full(len(offsets), PROMPT, dtype=np.int8)
-    region[2 * counts[SOURCE] > total] = SOURCE
-    region[2 * counts[TARGET] > total] = TARGET
-    region[ends <= starts] = PROMPT
-    if special_mask is not None:
-        region[np.asarray(special_mask, dtype=bool)] = PROMPT
-    return region
+@dataclass(frozen=True)
+class _TemplateFormat:
+    """What the prompt-template formats share: the template, the label mode (``"all"``, the reference, or
+    ``"response"``: target tokens and EOS), the reasons of :data:`alignx.data.records.DROP_REASONS`, deduplication
+    and packing."""
+
+    template: Template = field(default_factory=lambda: load_template("alpaca"))
+    labels: Literal["all", "response"] = "all"
+
+    columns: ClassVar[tuple[str, ...]] = ()
+    reasons: ClassVar[dict[str, str]] = DROP_REASONS
+    deduplicate: ClassVar[bool] = True
+    packs: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.labels not in ("all", "response"):
+            raise ValueError(f"labels must be 'all' or 'response', got {self.labels!r}")
+
+
+@dataclass(frozen=True)
+class PairsFormat(_TemplateFormat):
+    """Stage-1 translation pairs ``{src_text, tgt_text, src_lang, tgt_lang[, instruction]}``
+    (:func:`alignx.data.records.normalize_stage1`), rendered with ``template``: the record's instruction or
+    ``instruction`` with the language names, the source as input, the target as output. ``span_ids`` mark the source
+    (1) and target (2) tokens; rows with fewer than ``min_target_tokens`` target tokens are dropped."""
+
+    instruction: str = DEFAULT_INSTRUCTION
+    min_target_tokens: int = 3
+
+    name: ClassVar[str] = "stage1"
+    title: ClassVar[str] = "stage 1"
+    texts: ClassVar[tuple[str, ...]] = ("src_text", "tgt_text", "instruction")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_target_tokens < 1:
+            raise ValueError(f"need min_target_tokens >= 1, got {self.min_target_tokens}")
+        if self.instruction:
+            instruction_text(self.instruction, "en", "en")  # fail early on a bad pattern
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PairsFormat:
+        """``data.template``, ``data.labels``, ``data.instruction`` and ``data.min_target_tokens``."""
+        d = cfg.data
+        return cls(load_template(d.template), d.labels, d.instruction, d.min_target_tokens)
+
+    def normalize(self, rec: dict[str, Any], line: int) -> dict[str, Any]:
+        """:func:`alignx.data.records.normalize_stage1`."""
+        return normalize_stage1(rec, line)
+
+    def render(self, row: dict[str, Any]) -> tuple[Segment]:
+        """The prompt with the pair's source as input and its target as output."""
+        ins = row.get("instruction") or instruction_text(
+            self.instruction, lang_code(row["src_lang"]), lang_code(row["tgt_lang"])
+        )
+        return (self.template.render(ins, row["src_text"], row["tgt_text"]),)
+
+    def build(self, row: dict[str, Any], tokens: Sequence[Tokenized]) -> dict[str, Any] | str:
+        """The row, or source_truncated / no_source_tokens / short_target."""
+        (tok,) = tokens
+        n_source = tok.count(SOURCE)
+        if n_source < tok.full[SOURCE]:
+            return "source_truncated"
+        if n_source == 0:
+            return "no_source_tokens"
+        if tok.count(TARGET) < self.min_target_tokens:
+            return "short_target"
+        return lm_columns(tok, self.labels)
+
+
+@dataclass(frozen=True)
+class InstructionsFormat(_TemplateFormat):
+    """Stage-2 instructions ``{instruction, input, output, lang}`` (:func:`alignx.data.records.normalize_stage2`),
+    rendered with ``template`` (its no-input variant when ``input`` is empty); ``span_ids`` all 0, ``src_lang =
+    tgt_lang = lang``; a row whose output loses every token to truncation is dropped (response_truncated)."""
+
+    name: ClassVar[str] = "stage2"
+    title: ClassVar[str] = "stage 2"
+    texts: ClassVar[tuple[str, ...]] = ("instruction", "input", "output")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> InstructionsFormat:
+        """``data.template`` and ``stage2.labels``."""
+        return cls(load_template(cfg.data.template), cfg.stage2.labels)
+
+    def normalize(self, rec: dict[str, Any], line: int) -> dict[str, Any]:
+        """:func:`alignx.data.records.normalize_stage2`."""
+        return normalize_stage2(rec, line)
+
+    def render(self, row: dict[str, Any]) -> tuple[Segment]:
+        """The prompt with the instruction's input and its output."""
+        return (self.template.render(row["instruction"], row["input"], row["output"]),)
+
+    def build(self, row: dict[str, Any], tokens: Sequence[Tokenized]) -> dict[str, Any] | str:
+        """The row, or response_truncated."""
+        (tok,) = tokens
+        if tok.count(TARGET) == 0:
+            return "response_truncated"
+        return lm_columns(tok, self.labels, spans=False)
+
+
+register_format(PairsFormat.name, PairsFormat.from_config)
+register_format(InstructionsFormat.name, InstructionsFormat.from_config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows -> tokens
 
 
 class Encoder:
-    """Renders and tokenises normalised rows (a ``datasets.map`` function, picklable for ``num_proc > 1``).
+    """Renders and tokenises normalised rows of one record format (a ``datasets.map`` function, picklable for
+    ``num_proc > 1``).
 
     Args:
-        tokenizer: a fast (Rust-backed) HF tokenizer; it is not modified (a private copy of its backend is used,
-            with special-token parsing of the *data* switched off, so a literal "</s>" in a record is text).
-        stage: 1 (translation pairs, with spans) or 2 (instructions, no spans).
-        template: the prompt template.
+        tokenizer: a fast (Rust-backed) HF tokenizer (:class:`alignx.data.segments.SegmentTokenizer`).
+        stage: 1 (:class:`PairsFormat`) or 2 (:class:`InstructionsFormat`), built from ``template``,
+            ``instruction``, ``min_target_tokens`` and ``labels``; ignored when ``record_format`` is given.
+        template: the prompt template (default Alpaca).
         instruction: ``data.instruction`` pattern with ``{src}``/``{tgt}`` (stage 1).
         cutoff_len: maximum sequence length in tokens, EOS included.
         min_target_tokens: stage-1 rows with fewer marked target tokens are dropped.
         labels: ``"all"`` (whole sequence, reference) or ``"response"`` (target tokens and EOS only).
+        record_format: any :class:`~alignx.data.formats.RecordFormat`.
     """
 
     def __init__(
@@ -173,88 +224,49 @@ class Encoder:
         cutoff_len: int = 512,
         min_target_tokens: int = 3,
         labels: Literal["all", "response"] = "all",
+        record_format: RecordFormat | None = None,
     ) -> None:
-        if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "backend_tokenizer", None) is None:
-            raise DataError(f"character-offset spans need a fast tokenizer, got {type(tokenizer).__name__}")
-        if tokenizer.eos_token_id is None:
-            raise DataError("the tokenizer has no eos_token; the prompt format ends every untruncated record with EOS")
-        if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-        if labels not in ("all", "response"):
-            raise ValueError(f"labels must be 'all' or 'response', got {labels!r}")
-        if cutoff_len < 2 or min_target_tokens < 1:
-            raise ValueError(f"need cutoff_len >= 2 and min_target_tokens >= 1, got {cutoff_len}, {min_target_tokens}")
-        self.stage = stage
-        self.template = template or load_template("alpaca")
-        self.instruction = instruction
-        self.cutoff_len = cutoff_len
-        self.min_target_tokens = min_target_tokens
-        self.labels = labels
-        self.eos_id = int(tokenizer.eos_token_id)
-        self.backend_json = tokenizer.backend_tokenizer.to_str()
-        self._backend: Any = None
-        self._expected_probe = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
-        if instruction and stage == 1:
-            instruction_text(instruction, "en", "en")  # fail early on a bad pattern
+        if record_format is None:
+            if stage not in (1, 2):
+                raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+            template = template or load_template("alpaca")
+            if stage == 1:
+                record_format = PairsFormat(template, labels, instruction, min_target_tokens)
+            else:
+                record_format = InstructionsFormat(template, labels)
+        self.format = record_format
+        self.tokens = SegmentTokenizer(tokenizer, cutoff_len)
+        self.columns = (*ROW_COLUMNS, *record_format.columns, *STAT_COLUMNS)
 
     @property
     def backend(self) -> Any:
-        """A private copy of the Rust tokenizer: no truncation, no padding, special-token strings in data are text.
-
-        Built on first use (a 262k-vocabulary tokenizer takes seconds to copy; a cached run never needs it), and
-        checked to encode like the HF tokenizer it came from.
-        """
-        if self._backend is None:
-            from tokenizers import Tokenizer
-
-            backend = Tokenizer.from_str(self.backend_json)
-            backend.no_truncation()
-            backend.no_padding()
-            got = backend.encode(_PROBE, add_special_tokens=True).ids
-            if got != self._expected_probe:
-                raise DataError(
-                    f"the tokenizer encodes text differently from its backend ({self._expected_probe[:8]}... vs "
-                    f"{got[:8]}...); char-offset spans cannot be trusted"
-                )
-            backend.encode_special_tokens = True
-            self._backend = backend
-        return self._backend
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_backend": None}
+        """The private copy of the Rust tokenizer (:attr:`alignx.data.segments.SegmentTokenizer.backend`)."""
+        return self.tokens.backend
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the rows (part of the datasets cache key)."""
         h = hashlib.sha256()
-        cfg = [FORMAT_VERSION, self.stage, self.template, self.instruction, self.cutoff_len]
-        cfg += [self.min_target_tokens, self.labels, self.eos_id]
-        h.update(repr(cfg).encode())
-        h.update(self.backend_json.encode())
+        h.update(repr([FORMAT_VERSION, self.format, self.tokens.cutoff_len, self.tokens.eos_id]).encode())
+        h.update(self.tokens.backend_json.encode())
         return h.hexdigest()[:32]
 
-    # -- rendering ---------------------------------------------------------------------------------------------
-    def render(self, row: dict[str, Any]) -> Rendered:
-        """The text of a normalised row (:func:`alignx.data.records.normalize_stage1` / ``normalize_stage2``)."""
-        if self.stage == 1:
-            ins = row.get("instruction") or instruction_text(
-                self.instruction, lang_code(row["src_lang"]), lang_code(row["tgt_lang"])
-            )
-            return self.template.render(ins, row["src_text"], row["tgt_text"])
-        return self.template.render(row["instruction"], row["input"], row["output"])
+    def render(self, row: dict[str, Any]) -> Segment:
+        """The text a normalised row trains on (the first of its format's segments)."""
+        return self.format.render(row)[0]
 
-    # -- encoding ----------------------------------------------------------------------------------------------
     def encode(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Encode normalised rows; each result has the :data:`ROW_COLUMNS` plus ``drop`` ("" = kept),
-        ``n_source``, ``n_target`` and ``target_truncated``. Dropped rows have empty token lists."""
-        out: list[dict[str, Any]] = [{} for _ in rows]
+        """Encode normalised rows; each result has :attr:`columns` (``drop`` "" = kept, ``n_source``, ``n_target``,
+        ``target_truncated``). Dropped rows have empty token lists."""
+        out = [self._dropped(r, r["drop"]) for r in rows]
         todo = [i for i, r in enumerate(rows) if not r["drop"]]
-        rendered = {i: self.render(rows[i]) for i in todo}
-        encodings = self.backend.encode_batch([rendered[i].text for i in todo], add_special_tokens=True)
-        for i, enc in zip(todo, encodings):
-            out[i] = self._row(rendered[i], enc, rows[i])
-        for i, r in enumerate(rows):
-            if r["drop"]:
-                out[i] = self._dropped(r, r["drop"])
+        segments = [self.format.render(rows[i]) for i in todo]
+        tokens = iter(self.tokens([s for segs in segments for s in segs]))
+        for i, segs in zip(todo, segments):
+            built = self.format.build(rows[i], [next(tokens) for _ in segs])
+            if isinstance(built, str):
+                out[i] = self._dropped(rows[i], built)
+            else:
+                out[i] = {**self._dropped(rows[i], ""), **built}
         return out
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -262,67 +274,13 @@ class Encoder:
         keys = list(batch)
         rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
         encoded = self.encode(rows)
-        return {k: [e[k] for e in encoded] for k in (*ROW_COLUMNS, "drop", "n_source", "n_target", "target_truncated")}
+        return {k: [e[k] for e in encoded] for k in self.columns}
 
     def _dropped(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
-        return {
-            "input_ids": [],
-            "labels": [],
-            "span_ids": [],
-            "src_lang": int(row["src_lang"]),
-            "tgt_lang": int(row["tgt_lang"]),
-            "length": 0,
-            "drop": reason,
-            "n_source": 0,
-            "n_target": 0,
-            "target_truncated": False,
-        }
-
-    def _row(self, rendered: Rendered, enc: Any, row: dict[str, Any]) -> dict[str, Any]:
-        region = token_regions(rendered.text, rendered.source, rendered.target, enc.offsets, enc.special_tokens_mask)
-        full_src = int((region == SOURCE).sum())
-        full_tgt = int((region == TARGET).sum())
-        ids = list(enc.ids[: self.cutoff_len])
-        region = region[: self.cutoff_len]
-        n_src = int((region == SOURCE).sum())
-        n_tgt = int((region == TARGET).sum())
-        eos_added = ids[-1] != self.eos_id and len(ids) < self.cutoff_len
-        if eos_added:
-            ids.append(self.eos_id)
-            region = np.append(region, PROMPT)
-        if self.stage == 1:
-            span_ids = region.tolist()
-            drop = ""
-            if n_src < full_src:
-                drop = "source_truncated"
-            elif n_src == 0:
-                drop = "no_source_tokens"
-            elif n_tgt < self.min_target_tokens:
-                drop = "short_target"
-        else:
-            span_ids = [0] * len(ids)
-            drop = "response_truncated" if n_tgt == 0 else ""
-        if drop:
-            return self._dropped(row, drop)
-        if self.labels == "all":
-            labels = list(ids)
-        else:
-            keep = region == TARGET
-            if eos_added:
-                keep[-1] = True
-            labels = np.where(keep, np.asarray(ids), IGNORE_INDEX).tolist()
-        return {
-            "input_ids": ids,
-            "labels": labels,
-            "span_ids": span_ids,
-            "src_lang": int(row["src_lang"]),
-            "tgt_lang": int(row["tgt_lang"]),
-            "length": len(ids),
-            "drop": "",
-            "n_source": n_src,
-            "n_target": n_tgt,
-            "target_truncated": n_tgt < full_tgt,
-        }
+        empty: dict[str, Any] = {k: [] for k in ("input_ids", "labels", "span_ids", *self.format.columns)}
+        empty.update(src_lang=int(row["src_lang"]), tgt_lang=int(row["tgt_lang"]), length=0, drop=reason)
+        empty.update(n_source=0, n_target=0, target_truncated=False)
+        return empty
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,8 +292,8 @@ class Prepared:
     """Tokenised datasets ready for :class:`alignx.data.Collator`.
 
     ``train`` / ``eval`` rows: ``input_ids``, ``labels`` (-100 ignored), ``span_ids`` (0 other, 1 source, 2 target),
-    ``src_lang``, ``tgt_lang`` (language ids), ``length``. ``drops``: reason -> count over the training file
-    (every reason of :data:`alignx.data.records.DROP_REASONS`, zeros included). ``stats``: record counts, lengths,
+    ``src_lang``, ``tgt_lang`` (language ids), ``length``, plus the format's own columns. ``drops``: reason -> count
+    over the training file (every reason of the format, zeros included). ``stats``: record counts, lengths,
     truncation, unknown codes, example line numbers per drop reason, and the eval file's drops.
     """
 
@@ -345,31 +303,27 @@ class Prepared:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-_TEXTS = {1: ("src_text", "tgt_text", "instruction"), 2: ("instruction", "input", "output")}
-
-
-def _generate(path: str, stage: int, stamp: str) -> Any:
+def _generate(path: str, fmt: RecordFormat, stamp: str) -> Any:
     """Rows of a JSONL file, normalised: the validation pass (the generator behind ``Dataset.from_generator``;
     ``stamp`` keys the cache). A bad line becomes a row with its reason, a copy of an earlier usable record a
     ``duplicate``: everything is counted by the same drop accounting, nothing stops the pass."""
-    norm = normalize_stage1 if stage == 1 else normalize_stage2
-    duplicates = Duplicates((*_TEXTS[stage], "src_lang", "tgt_lang"))
+    duplicates = Duplicates((*fmt.texts, "src_lang", "tgt_lang")) if fmt.deduplicate else None
     for line, rec, reason, detail in scan_jsonl(path):
         if rec is None:
-            yield bad_line_row(stage, line, reason, detail)
+            yield blank_row(fmt.texts, line, reason, detail)
             continue
-        row = norm(rec, line)
-        if not row["drop"]:
+        row = fmt.normalize(rec, line)
+        if duplicates is not None and not row["drop"]:
             same = duplicates.check(row)
             if same:
                 row["drop"], row["detail"] = "duplicate", same
         yield row
 
 
-def _features(stage: int) -> Any:
+def _features(fmt: RecordFormat) -> Any:
     from datasets import Features, Value
 
-    cols = {k: Value("string") for k in _TEXTS[stage]}
+    cols = {k: Value("string") for k in fmt.texts}
     cols.update(src_lang=Value("int32"), tgt_lang=Value("int32"), bad_code=Value("string"))
     cols.update(drop=Value("string"), detail=Value("string"), line=Value("int64"))
     return Features(cols)
@@ -380,7 +334,7 @@ def _stamp(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def _load_raw(path: Path, stage: int, cache_dir: Path) -> datasets.Dataset:
+def _load_raw(path: Path, fmt: RecordFormat, cache_dir: Path) -> datasets.Dataset:
     from datasets import Dataset
     from datasets.exceptions import DatasetGenerationError
 
@@ -389,13 +343,13 @@ def _load_raw(path: Path, stage: int, cache_dir: Path) -> datasets.Dataset:
     if not has_records(path):
         raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
     stamp = _stamp(path)
-    fingerprint = hashlib.sha256(f"{FORMAT_VERSION}|{stage}|{stamp}".encode()).hexdigest()[:32]
+    fingerprint = hashlib.sha256(f"{FORMAT_VERSION}|{fmt.name}|{stamp}".encode()).hexdigest()[:32]
     try:
         return Dataset.from_generator(
             _generate,
-            features=_features(stage),
+            features=_features(fmt),
             cache_dir=str(cache_dir),
-            gen_kwargs={"path": str(path), "stage": stage, "stamp": stamp},
+            gen_kwargs={"path": str(path), "fmt": fmt, "stamp": stamp},
             fingerprint=fingerprint,
         )
     except DatasetGenerationError as e:
@@ -411,10 +365,49 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _count_drops(drop_col: list[str], reasons: dict[str, str]) -> dict[str, int]:
+    """Rows per drop reason, every reason of ``reasons`` listed (zeros included)."""
+    counts = Counter(d for d in drop_col if d)
+    undocumented = sorted(r for r in counts if r not in reasons)
+    if undocumented:
+        raise ValueError(f"drop reasons {undocumented} are not documented in the record format's reasons")
+    return {reason: int(counts.get(reason, 0)) for reason in reasons}
+
+
+def _drop_examples(raw: datasets.Dataset, drop_col: list[str]) -> dict[str, Any]:
+    """The first five line numbers per drop reason (``drop_examples``) and what the reason found there
+    (``drop_details``: ``"line N: detail"``)."""
+    examples: dict[str, list[int]] = {}
+    details: dict[str, list[str]] = {}
+    dropped = [i for i, d in enumerate(drop_col) if d]
+    if dropped:
+        lines, texts = _column(raw, "line"), _column(raw, "detail")
+        for i in dropped:
+            line, d, detail = lines[i], drop_col[i], texts[i]
+            if len(examples.setdefault(d, [])) < 5:
+                examples[d].append(line)
+                details.setdefault(d, []).append(f"line {line}: {detail}" if detail else f"line {line}")
+    return {"drop_examples": examples, "drop_details": details}
+
+
+def _length_stats(kept: datasets.Dataset) -> dict[str, Any]:
+    """Token counts of the kept rows: total, mean and max length, mean source and target tokens."""
+    if not len(kept):
+        return dict(tokens=0, mean_length=0.0, max_length=0, mean_source_tokens=0.0, mean_target_tokens=0.0)
+    lengths = np.asarray(_column(kept, "length"), dtype=np.int64)
+    return {
+        "tokens": int(lengths.sum()),
+        "mean_length": float(lengths.mean()),
+        "max_length": int(lengths.max()),
+        "mean_source_tokens": float(np.mean(_column(kept, "n_source"))),
+        "mean_target_tokens": float(np.mean(_column(kept, "n_target"))),
+    }
+
+
 def _encode_file(
     path: Path, raw: datasets.Dataset, encoder: Encoder, num_proc: int, what: str
 ) -> tuple[datasets.Dataset, dict[str, int], dict[str, Any]]:
-    """Tokenise one file's validated rows; returns (kept rows with ROW_COLUMNS, drops, stats)."""
+    """Tokenise one file's validated rows; returns (kept rows with the format's row columns, drops, stats)."""
     fp = hashlib.sha256(f"{raw._fingerprint}|{encoder.fingerprint()}".encode()).hexdigest()[:32]
     enc = raw.map(
         encoder,
@@ -426,44 +419,28 @@ def _encode_file(
         desc=f"tokenising {what} ({path.name})",
     )
     drop_col = _column(enc, "drop")
-    drops = {reason: 0 for reason in DROP_REASONS}
-    drops.update(Counter(d for d in drop_col if d))
-    examples: dict[str, list[int]] = {}
-    details: dict[str, list[str]] = {}
-    dropped = [i for i, d in enumerate(drop_col) if d]
-    if dropped:
-        lines, texts = _column(raw, "line"), _column(raw, "detail")
-        for i in dropped:
-            line, d, detail = lines[i], drop_col[i], texts[i]
-            if len(examples.setdefault(d, [])) < 5:
-                examples[d].append(line)
-                details.setdefault(d, []).append(f"line {line}: {detail}" if detail else f"line {line}")
-    unknown = Counter(c for c in _column(raw, "bad_code") if c)
+    drops = _count_drops(drop_col, encoder.format.reasons)
     kept_idx = [i for i, d in enumerate(drop_col) if not d]
     kept = enc.select(kept_idx) if len(kept_idx) < len(enc) else enc
     truncated = _column(enc, "target_truncated")
-    n_tr = sum(1 for i in kept_idx if truncated[i])
-    lengths = np.asarray(_column(kept, "length"), dtype=np.int64) if len(kept) else np.zeros(0, dtype=np.int64)
     stats = {
         "file": str(path),
         "records": len(raw),
         "kept": len(kept),
         "dropped": len(raw) - len(kept),
-        "target_truncated": n_tr,
-        "tokens": int(lengths.sum()),
-        "mean_length": float(lengths.mean()) if len(lengths) else 0.0,
-        "max_length": int(lengths.max()) if len(lengths) else 0,
-        "mean_source_tokens": float(np.mean(_column(kept, "n_source"))) if len(kept) else 0.0,
-        "mean_target_tokens": float(np.mean(_column(kept, "n_target"))) if len(kept) else 0.0,
-        "unknown_codes": dict(unknown),
-        "drop_examples": examples,
-        "drop_details": details,
+        "target_truncated": sum(1 for i in kept_idx if truncated[i]),
+        **_length_stats(kept),
+        "unknown_codes": dict(Counter(c for c in _column(raw, "bad_code") if c)),
+        **_drop_examples(raw, drop_col),
     }
-    kept = kept.remove_columns([c for c in kept.column_names if c not in ROW_COLUMNS])
+    columns = (*ROW_COLUMNS, *encoder.format.columns)
+    kept = kept.remove_columns([c for c in kept.column_names if c not in columns])
     return kept, drops, stats
 
 
-def format_report(name: str, drops: dict[str, int], stats: dict[str, Any]) -> str:
+def format_report(
+    name: str, drops: dict[str, int], stats: dict[str, Any], reasons: dict[str, str] = DROP_REASONS
+) -> str:
     """Human-readable preprocessing summary: kept / dropped per reason (with example lines), truncation."""
     lines = [
         f"[data] {name}: {stats['records']} non-blank lines in {stats['file']}, kept {stats['kept']}, "
@@ -473,7 +450,7 @@ def format_report(name: str, drops: dict[str, int], stats: dict[str, Any]) -> st
     for reason, count in drops.items():
         if count:
             where = "; ".join(stats.get("drop_details", {}).get(reason, []))
-            lines.append(f"[data]   dropped {count:>7} {reason:<20} {DROP_REASONS.get(reason, '')} (e.g. {where})")
+            lines.append(f"[data]   dropped {count:>7} {reason:<20} {reasons.get(reason, '')} (e.g. {where})")
     if stats["unknown_codes"]:
         codes = ", ".join(f"{c!r} x{n}" for c, n in sorted(stats["unknown_codes"].items()))
         lines.append(f"[data]   unknown language codes: {codes}")
@@ -567,7 +544,7 @@ def validate_inputs(cfg: Config, stages: tuple[int, ...], cache_dir: str | Path 
     for path, stage in files.items():
         try:
             with FileLock(str(cache / "alignx-prepare.lock")):
-                raw = _load_raw(path, stage, cache)
+                raw = _load_raw(path, get_format(f"stage{stage}", cfg), cache)
         except DataError as e:
             empty.append(str(e))
             continue
@@ -585,94 +562,119 @@ def _no_usable_record(path: str | Path, drops: dict[str, int], stats: dict[str, 
     return DataError(f"{path}: no usable record ({stats['records']} lines with records or errors; dropped: {reasons})")
 
 
-def _prepare(
-    cfg: Config,
-    encoder: Encoder,
-    train_file: str | Path,
-    eval_file: str | Path | None,
-    cache_dir: str | Path | None,
-    verbose: bool,
-) -> Prepared:
+def _held_out(cfg: Config, train: datasets.Dataset, train_file: str | Path) -> tuple[datasets.Dataset, Any]:
+    """``(train, eval)``: ``data.eval_size`` rows split off the training rows with ``train.seed`` (0: no eval)."""
+    if cfg.data.eval_size <= 0:
+        return train, None
+    if cfg.data.eval_size >= len(train):
+        raise DataError(
+            f"data.eval_size={cfg.data.eval_size} held-out records would leave no training record "
+            f"({len(train)} usable in {train_file}); lower data.eval_size or give an eval file"
+        )
+    split = train.train_test_split(test_size=cfg.data.eval_size, seed=cfg.train.seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def _tokenise(
+    cfg: Config, encoder: Encoder, lock: str, path: Path, raw: datasets.Dataset, what: str, *, show: bool
+) -> tuple[datasets.Dataset, dict[str, int], dict[str, Any]]:
+    """:func:`_encode_file` under the cache lock, then its report (printed when ``show``)."""
     from filelock import FileLock
 
+    with FileLock(lock):
+        rows, drops, stats = _encode_file(path, raw, encoder, max(1, cfg.data.num_proc), what)
+    if show:
+        print(format_report(f"{encoder.format.title} {what}", drops, stats, encoder.format.reasons), flush=True)
+    return rows, drops, stats
+
+
+def prepare(
+    cfg: Config,
+    tokenizer: PreTrainedTokenizerBase,
+    record_format: RecordFormat | str,
+    *,
+    train_file: str | Path,
+    eval_file: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    verbose: bool = True,
+) -> Prepared:
+    """Read, validate, render, tokenise and cache the records of ``train_file`` (and ``eval_file``) in
+    ``record_format`` (a :class:`~alignx.data.formats.RecordFormat` or its registered name, built from ``cfg``);
+    print and return the drops.
+
+    ``eval_file`` None: ``data.eval_size`` usable records are split off the training file with ``train.seed``
+    (0 = no evaluation set); an eval file without a usable record gives no evaluation set either. The cache lives in
+    ``cache_dir`` or ``data.cache_dir`` or ``<train.output_dir>/data_cache`` and is keyed by the file (path, size,
+    mtime), the tokenizer, the format and every option that changes the rows.
+
+    Raises:
+        DataError: a missing or empty file, bad lines with ``data.on_bad_lines=error`` (naming ``file:line``), no
+            usable training record, or ``data.packing`` for a format that does not pack.
+    """
+    from filelock import FileLock
+
+    fmt = get_format(record_format, cfg) if isinstance(record_format, str) else record_format
+    if cfg.data.packing and not fmt.packs:
+        raise DataError(f"the {fmt.title} recipe does not pack records; set data.packing=false")
+    encoder = Encoder(tokenizer, cutoff_len=cfg.data.cutoff_len, record_format=fmt)
     cache = _cache_dir(cfg, cache_dir)
-    num_proc = max(1, cfg.data.num_proc)
+    lock = str(cache / "alignx-prepare.lock")
     show = verbose and _is_main_process()
     paths = {"train": Path(train_file)} | ({"eval": Path(eval_file)} if eval_file is not None else {})
     # Ranks that prepare at once: the first validates and tokenises, the others wait and then read its cache.
-    with FileLock(str(cache / "alignx-prepare.lock")):
-        raws = {what: _load_raw(path, encoder.stage, cache) for what, path in paths.items()}
+    with FileLock(lock):
+        raws = {what: _load_raw(path, fmt, cache) for what, path in paths.items()}
     check_bad_lines({str(paths[w]): _bad_lines(r) for w, r in raws.items()}, cfg.data.on_bad_lines, show=show)
-    with FileLock(str(cache / "alignx-prepare.lock")):
-        train, drops, stats = _encode_file(paths["train"], raws["train"], encoder, num_proc, "train")
-    if show:
-        print(format_report(f"stage {encoder.stage} train", drops, stats), flush=True)
+    train, drops, stats = _tokenise(cfg, encoder, lock, paths["train"], raws["train"], "train", show=show)
     if not len(train):
         raise _no_usable_record(train_file, drops, stats)
-    evald = None
-    if eval_file is not None:
-        with FileLock(str(cache / "alignx-prepare.lock")):
-            evald, eval_drops, eval_stats = _encode_file(paths["eval"], raws["eval"], encoder, num_proc, "eval")
-        stats["eval_drops"], stats["eval"] = eval_drops, eval_stats
-        if show:
-            print(format_report(f"stage {encoder.stage} eval", eval_drops, eval_stats), flush=True)
-    elif cfg.data.eval_size > 0:
-        if cfg.data.eval_size >= len(train):
-            raise DataError(
-                f"data.eval_size={cfg.data.eval_size} held-out records would leave no training record "
-                f"({len(train)} usable in {train_file}); lower data.eval_size or give an eval file"
-            )
-        split = train.train_test_split(test_size=cfg.data.eval_size, seed=cfg.train.seed, shuffle=True)
-        train, evald = split["train"], split["test"]
+    if eval_file is None:
+        train, evald = _held_out(cfg, train, train_file)
+    else:
+        evald, stats["eval_drops"], stats["eval"] = _tokenise(
+            cfg, encoder, lock, paths["eval"], raws["eval"], "eval", show=show
+        )
+        evald = evald if len(evald) else None
     stats["train_rows"] = len(train)
     stats["eval_rows"] = len(evald) if evald is not None else 0
     return Prepared(train=train, eval=evald, drops=drops, stats=stats)
 
 
-def prepare_stage1(
-    cfg: Config,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    train_file: str | Path,
-    eval_file: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    verbose: bool = True,
-) -> Prepared:
-    """Read, validate, render and tokenise stage-1 pairs (cached with HF ``datasets``); print and return drops.
+def preparer(record_format: str, doc: str) -> Callable[..., Prepared]:
+    """:func:`prepare` bound to the registered format ``record_format`` (docstring ``doc``), with the signature the
+    trainer calls and a recipe's data hook gives:
+    ``(cfg, tokenizer, *, train_file, eval_file=None, cache_dir=None, verbose=True) -> Prepared``."""
 
-    ``eval_file`` None: ``data.eval_size`` usable records are split off the training file with ``train.seed``
-    (0 = no evaluation set). The cache lives in ``cache_dir`` or ``data.cache_dir`` or
-    ``<train.output_dir>/data_cache`` and is keyed by the file (path, size, mtime), the tokenizer, the template
-    and every data option that changes the rows.
-    """
-    encoder = Encoder(
-        tokenizer,
-        stage=1,
-        template=load_template(cfg.data.template),
-        instruction=cfg.data.instruction,
-        cutoff_len=cfg.data.cutoff_len,
-        min_target_tokens=cfg.data.min_target_tokens,
-        labels=cfg.data.labels,
-    )
-    return _prepare(cfg, encoder, train_file, eval_file, cache_dir, verbose)
+    def prepare_format(
+        cfg: Config,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        train_file: str | Path,
+        eval_file: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        verbose: bool = True,
+    ) -> Prepared:
+        return prepare(
+            cfg,
+            tokenizer,
+            record_format,
+            train_file=train_file,
+            eval_file=eval_file,
+            cache_dir=cache_dir,
+            verbose=verbose,
+        )
+
+    prepare_format.__doc__ = doc
+    return prepare_format
 
 
-def prepare_stage2(
-    cfg: Config,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    train_file: str | Path,
-    eval_file: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    verbose: bool = True,
-) -> Prepared:
-    """Stage-2 instructions ``{instruction, input, output, lang}``: same template (no-input variant when ``input``
-    is empty), same truncation, labels from ``stage2.labels``, ``span_ids`` all 0, ``src_lang = tgt_lang = lang``."""
-    encoder = Encoder(
-        tokenizer,
-        stage=2,
-        template=load_template(cfg.data.template),
-        cutoff_len=cfg.data.cutoff_len,
-        labels=cfg.stage2.labels,
-    )
-    return _prepare(cfg, encoder, train_file, eval_file, cache_dir, verbose)
+prepare_stage1 = preparer(
+    PairsFormat.name,
+    """:func:`prepare` of stage-1 pairs (:class:`PairsFormat`: ``data.template``, ``data.instruction``,
+    ``data.min_target_tokens``, ``data.labels``).""",
+)
+prepare_stage2 = preparer(
+    InstructionsFormat.name,
+    """:func:`prepare` of stage-2 instructions (:class:`InstructionsFormat`: same template and truncation, labels
+    from ``stage2.labels``, ``span_ids`` all 0, ``src_lang = tgt_lang = lang``).""",
+)

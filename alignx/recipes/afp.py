@@ -44,28 +44,26 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from alignx.constants import SOURCE_SPAN as SOURCE
 from alignx.constants import TARGET_SPAN as TARGET
-from alignx.data import Collator
+from alignx.data import LINE_REASONS, Collator, Segment, Tokenized, blank_row, lm_columns, preparer, register_format
 from alignx.decoder import find_decoder_parts, first_output, layer_module
 from alignx.dist import all_gather_rows, global_share, is_distributed
 from alignx.errors import ConfigError
 from alignx.languages import lang_id, lang_name
 from alignx.objective import AlignXObjective, NTPInput, kernel_op, lm_loss_sum
 from alignx.recipes.base import Recipe
-from alignx.recipes.data import Segment, SegmentTokenizer, labels_for, prepare_records
 
 if TYPE_CHECKING:
     from torch import nn
 
     from alignx.config import Config, ObjectiveConfig
-    from alignx.data import Prepared
     from alignx.data.sources import Unit
 
 __all__ = [
@@ -73,6 +71,7 @@ __all__ = [
     "CLM_WEIGHT",
     "DROP_REASONS",
     "AFPCollator",
+    "AFPFormat",
     "AFPObjective",
     "build_records",
     "clm_segment",
@@ -89,6 +88,7 @@ PREVIOUS_VERSE = "Give the verse that comes just before this one."
 REPEAT = "Repeat the following text."
 
 DROP_REASONS: dict[str, str] = {
+    **LINE_REASONS,
     "missing_field": "a required field is absent or null",
     "bad_field_type": "a text field is not a string or a language field is not a code",
     "unknown_language": "a language code is not in alignx.languages.LANGUAGES",
@@ -122,37 +122,34 @@ def clm_segment(instruction: str, input: str, output: str, answer_lang: str) -> 
     return Segment(prompt + output, src, (len(prompt), len(prompt) + len(output)))
 
 
-def _normalize(rec: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    row: dict[str, Any] = {}
+def _normalize(rec: dict[str, Any], line: int) -> dict[str, Any]:
+    """One AFP record as a fixed-schema row with its drop reason ("" = usable); language ids: the pair's."""
+    row = blank_row(AFPFormat.texts, line)
     for key in ("sent0", "sent1", "instruction", "output", "lang0", "lang1", "output_lang"):
         if rec.get(key) is None:
-            return row, "missing_field"
+            return {**row, "drop": "missing_field"}
     for key in ("sent0", "sent1", "instruction", "input", "output", "lang0", "lang1", "input_lang", "output_lang"):
         value = rec.get(key, "")
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            return row, "bad_field_type"
-        row[key] = value
+        if not isinstance("" if value is None else value, str):
+            return {**row, "drop": "bad_field_type"}
+        row[key] = value or ""
     try:
-        row["lang0_id"] = lang_id(row["lang0"])
-        row["lang1_id"] = lang_id(row["lang1"])
+        row["src_lang"], row["tgt_lang"] = lang_id(row["lang0"]), lang_id(row["lang1"])
         lang_id(row["output_lang"])
         if row["input_lang"]:
             lang_id(row["input_lang"])
     except ValueError:
-        return row, "unknown_language"
-    pool = rec.get("pool", "mean")
-    if pool not in POOLS:
-        return row, "bad_pool"
-    row["pool"] = pool
+        return {**row, "drop": "unknown_language", "src_lang": -1, "tgt_lang": -1}
+    row["pool"] = rec.get("pool", "mean")
+    if row["pool"] not in POOLS:
+        return {**row, "drop": "bad_pool", "pool": ""}
     if not row["sent0"].strip() or not row["sent1"].strip():
-        return row, "empty_sentence"
+        return {**row, "drop": "empty_sentence"}
     if not row["instruction"].strip():
-        return row, "empty_instruction"
+        return {**row, "drop": "empty_instruction"}
     if not row["output"].strip():
-        return row, "empty_target"
-    return row, ""
+        return {**row, "drop": "empty_target"}
+    return row
 
 
 def _pool_marks(regions: Any, pool: str) -> list[int]:
@@ -165,67 +162,66 @@ def _pool_marks(regions: Any, pool: str) -> list[int]:
     return marks.tolist()
 
 
-def _encoder(labels: str):
-    def encode(rows: list[dict[str, Any]], tok: SegmentTokenizer) -> list[tuple[dict[str, Any], str]]:
-        pairs = tok([Segment(r[k], (0, len(r[k]))) for r in rows for k in ("sent0", "sent1")])
-        clm = tok([clm_segment(r["instruction"], r["input"], r["output"], r["output_lang"]) for r in rows])
-        out: list[tuple[dict[str, Any], str]] = []
-        for i, row in enumerate(rows):
-            a, b, text = pairs[2 * i], pairs[2 * i + 1], clm[i]
-            if a.count(SOURCE) == 0 or b.count(SOURCE) == 0:
-                out.append(({}, "no_sentence_tokens"))
-                continue
-            if text.count(TARGET) == 0:
-                out.append(({}, "response_truncated"))
-                continue
-            out.append(
-                (
-                    {
-                        "input_ids": text.ids,
-                        "labels": labels_for(text, labels),
-                        "span_ids": [0] * len(text.ids),
-                        "src_lang": row["lang0_id"],
-                        "tgt_lang": row["lang1_id"],
-                        "length": len(text.ids) + len(a.ids) + len(b.ids),
-                        "pair_a_ids": a.ids,
-                        "pair_a_pool": _pool_marks(a.regions, row["pool"]),
-                        "pair_b_ids": b.ids,
-                        "pair_b_pool": _pool_marks(b.regions, row["pool"]),
-                    },
-                    "",
-                )
-            )
+@dataclass(frozen=True)
+class AFPFormat:
+    """AFP records (module docstring) -> rows: the instruction text (``input_ids``, ``labels`` by ``labels``,
+    ``span_ids`` all 0) and the pair (``pair_a_ids`` / ``pair_b_ids`` with their pooled-token marks ``pair_a_pool`` /
+    ``pair_b_pool``); ``src_lang`` and ``tgt_lang`` are the pair's languages; ``length`` counts all three sequences
+    (for length grouping)."""
+
+    labels: str = "all"
+
+    name: ClassVar[str] = "afp"
+    title: ClassVar[str] = "afp"
+    texts: ClassVar[tuple[str, ...]] = (
+        "sent0",
+        "sent1",
+        "instruction",
+        "input",
+        "output",
+        "lang0",
+        "lang1",
+        "input_lang",
+        "output_lang",
+        "pool",
+    )
+    columns: ClassVar[tuple[str, ...]] = PAIR_COLUMNS
+    reasons: ClassVar[dict[str, str]] = DROP_REASONS
+    deduplicate: ClassVar[bool] = False
+    packs: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> AFPFormat:
+        """``data.labels``."""
+        return cls(cfg.data.labels)
+
+    def normalize(self, rec: dict[str, Any], line: int) -> dict[str, Any]:
+        """Required fields, string types, known languages, the pooler, non-empty texts (:data:`DROP_REASONS`)."""
+        return _normalize(rec, line)
+
+    def render(self, row: dict[str, Any]) -> tuple[Segment, Segment, Segment]:
+        """The instruction text (:func:`clm_segment`), then ``sent0`` and ``sent1`` as raw text, each a source."""
+        text = clm_segment(row["instruction"], row["input"], row["output"], row["output_lang"])
+        return text, Segment(row["sent0"], (0, len(row["sent0"]))), Segment(row["sent1"], (0, len(row["sent1"])))
+
+    def build(self, row: dict[str, Any], tokens: Sequence[Tokenized]) -> dict[str, Any] | str:
+        """The row, or no_sentence_tokens / response_truncated."""
+        text, a, b = tokens
+        if a.count(SOURCE) == 0 or b.count(SOURCE) == 0:
+            return "no_sentence_tokens"
+        if text.count(TARGET) == 0:
+            return "response_truncated"
+        out = lm_columns(text, self.labels, spans=False)
+        out["length"] += len(a.ids) + len(b.ids)
+        out.update(pair_a_ids=a.ids, pair_a_pool=_pool_marks(a.regions, row["pool"]))
+        out.update(pair_b_ids=b.ids, pair_b_pool=_pool_marks(b.regions, row["pool"]))
         return out
 
-    return encode
+
+register_format(AFPFormat.name, AFPFormat.from_config)
 
 
-def prepare(
-    cfg: Config,
-    tokenizer: Any,
-    *,
-    train_file: str | Path,
-    eval_file: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    verbose: bool = True,
-) -> Prepared:
-    """AFP records -> rows: the instruction text (``input_ids``, ``labels`` by ``data.labels``) and the pair
-    (``pair_a_ids``/``pair_b_ids`` with their pooled-token marks ``pair_a_pool``/``pair_b_pool``); ``src_lang`` and
-    ``tgt_lang`` are the pair's languages; ``length`` counts all three sequences (for length grouping).
-
-    ``cache_dir`` is accepted for the trainer's signature; recipe records are tokenised in memory.
-    """
-    return prepare_records(
-        cfg,
-        tokenizer,
-        name="afp",
-        normalize=_normalize,
-        encode=_encoder(cfg.data.labels),
-        reasons=DROP_REASONS,
-        train_file=train_file,
-        eval_file=eval_file,
-        verbose=verbose,
-    )
+prepare = preparer(AFPFormat.name, """:func:`alignx.data.prepare` of AFP records (:class:`AFPFormat`).""")
 
 
 class AFPCollator:

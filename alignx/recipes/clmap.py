@@ -33,24 +33,25 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from alignx.constants import TARGET_SPAN
+from alignx.data import LINE_REASONS, Segment, Tokenized, blank_row, lm_columns, preparer, register_format
 from alignx.languages import lang_id, lang_name
 from alignx.objective import AlignXObjective
 from alignx.recipes.base import Recipe
-from alignx.recipes.data import Segment, SegmentTokenizer, labels_for, prepare_records
 
 if TYPE_CHECKING:
     from alignx.config import Config
-    from alignx.data import Prepared
     from alignx.data.sources import Unit
 
 __all__ = [
     "RECIPE",
     "DROP_REASONS",
+    "CLMapFormat",
     "CLMapObjective",
     "balanced_micro_batches",
     "balanced_order",
@@ -61,6 +62,7 @@ __all__ = [
 
 KINDS = ("map", "mono")
 DROP_REASONS: dict[str, str] = {
+    **LINE_REASONS,
     "missing_field": "a required field is absent or null",
     "bad_field_type": "a text field is not a string or a language field is not a code",
     "bad_kind": "'kind' is not 'map' or 'mono'",
@@ -83,93 +85,95 @@ def mapping_segment(src_text: str, tgt_text: str, src_lang: str, tgt_lang: str) 
     )
 
 
-def _normalize(rec: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    kind = rec.get("kind")
-    if kind is None:
-        return {}, "missing_field"
-    if kind not in KINDS:
-        return {}, "bad_kind"
+def _fields(rec: dict[str, Any], kind: str) -> tuple[dict[str, str], str]:
+    """The string fields of a ``kind`` record (``lang`` as both codes of a monolingual one), or a drop reason."""
     keys = ("src_text", "tgt_text", "src_lang", "tgt_lang") if kind == "map" else ("text", "lang")
-    row: dict[str, Any] = {"kind": kind}
+    out: dict[str, str] = {}
     for key in keys:
         value = rec.get(key)
         if value is None:
-            return row, "missing_field"
+            return out, "missing_field"
         if not isinstance(value, str):
-            return row, "bad_field_type"
-        row[key] = value
+            return out, "bad_field_type"
+        out[key] = value
+    if kind == "mono":
+        out["src_lang"] = out["tgt_lang"] = out.pop("lang")
+    return {"src_code": out.pop("src_lang"), "tgt_code": out.pop("tgt_lang"), **out}, ""
+
+
+def _normalize(rec: dict[str, Any], line: int) -> dict[str, Any]:
+    """One record as a fixed-schema row with its drop reason ("" = usable); language ids in ``src_lang`` /
+    ``tgt_lang``, codes in ``src_code`` / ``tgt_code`` (both the text's language for a monolingual record)."""
+    row = blank_row(CLMapFormat.texts, line)
+    kind = rec.get("kind")
+    if kind is None or kind not in KINDS:
+        return {**row, "drop": "missing_field" if kind is None else "bad_kind"}
+    fields, drop = _fields(rec, kind)
+    if drop:
+        return {**row, "drop": drop}
+    row.update(kind=kind, **fields)
     try:
-        if kind == "map":
-            row["src_id"], row["tgt_id"] = lang_id(row["src_lang"]), lang_id(row["tgt_lang"])
-        else:
-            row["src_id"] = row["tgt_id"] = lang_id(row["lang"])
+        row["src_lang"], row["tgt_lang"] = lang_id(row["src_code"]), lang_id(row["tgt_code"])
     except ValueError:
-        return row, "unknown_language"
+        return {**row, "drop": "unknown_language"}
     if kind == "map":
-        if row["src_id"] == row["tgt_id"]:
-            return row, "same_language"
+        if row["src_lang"] == row["tgt_lang"]:
+            return {**row, "drop": "same_language"}
         if not row["src_text"].strip():
-            return row, "empty_source"
+            return {**row, "drop": "empty_source"}
         if not row["tgt_text"].strip():
-            return row, "empty_target"
+            return {**row, "drop": "empty_target"}
     elif not row["text"].strip():
-        return row, "empty_source"
-    return row, ""
+        return {**row, "drop": "empty_source"}
+    return row
 
 
-def _encoder(labels: str, min_target_tokens: int):
-    def encode(rows: list[dict[str, Any]], tok: SegmentTokenizer) -> list[tuple[dict[str, Any], str]]:
-        segments = [
-            mapping_segment(r["src_text"], r["tgt_text"], r["src_lang"], r["tgt_lang"])
-            if r["kind"] == "map"
-            else Segment(r["text"])
-            for r in rows
-        ]
-        out: list[tuple[dict[str, Any], str]] = []
-        for row, t in zip(rows, tok(segments)):
-            if row["kind"] == "map" and t.count(2) < min_target_tokens:
-                out.append(({}, "short_target"))
-                continue
-            out.append(
-                (
-                    {
-                        "input_ids": t.ids,
-                        "labels": labels_for(t, labels if row["kind"] == "map" else "all"),
-                        "span_ids": t.regions.astype("int64").tolist(),
-                        "src_lang": row["src_id"],
-                        "tgt_lang": row["tgt_id"],
-                        "length": len(t.ids),
-                    },
-                    "",
-                )
-            )
-        return out
+@dataclass(frozen=True)
+class CLMapFormat:
+    """Mapping and monolingual records -> rows: a mapping row is :func:`mapping_segment` (``span_ids`` 1 source,
+    2 target; ``labels`` by ``labels``), a monolingual row its text alone (``span_ids`` 0, every token labelled,
+    ``src_lang = tgt_lang``). A mapping row with fewer than ``min_target_tokens`` target tokens is dropped."""
 
-    return encode
+    labels: str = "all"
+    min_target_tokens: int = 3
+
+    name: ClassVar[str] = "clmap"
+    title: ClassVar[str] = "clmap"
+    texts: ClassVar[tuple[str, ...]] = ("kind", "src_text", "tgt_text", "text", "src_code", "tgt_code")
+    columns: ClassVar[tuple[str, ...]] = ()
+    reasons: ClassVar[dict[str, str]] = DROP_REASONS
+    deduplicate: ClassVar[bool] = False
+    packs: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> CLMapFormat:
+        """``data.labels`` and ``data.min_target_tokens``."""
+        return cls(cfg.data.labels, cfg.data.min_target_tokens)
+
+    def normalize(self, rec: dict[str, Any], line: int) -> dict[str, Any]:
+        """The kind, required fields, string types, known and distinct languages, non-empty texts."""
+        return _normalize(rec, line)
+
+    def render(self, row: dict[str, Any]) -> tuple[Segment]:
+        """The mapping text, or the monolingual text alone."""
+        if row["kind"] == "map":
+            return (mapping_segment(row["src_text"], row["tgt_text"], row["src_code"], row["tgt_code"]),)
+        return (Segment(row["text"]),)
+
+    def build(self, row: dict[str, Any], tokens: Sequence[Tokenized]) -> dict[str, Any] | str:
+        """The row, or short_target."""
+        (tok,) = tokens
+        if row["kind"] == "map" and tok.count(TARGET_SPAN) < self.min_target_tokens:
+            return "short_target"
+        return lm_columns(tok, self.labels if row["kind"] == "map" else "all")
 
 
-def prepare(
-    cfg: Config,
-    tokenizer: Any,
-    *,
-    train_file: str | Path,
-    eval_file: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    verbose: bool = True,
-) -> Prepared:
-    """Mapping and monolingual records -> rows (``span_ids``: 1 source, 2 target on mapping rows, 0 elsewhere;
-    monolingual rows have ``src_lang = tgt_lang``). ``cache_dir`` is accepted for the trainer's signature."""
-    return prepare_records(
-        cfg,
-        tokenizer,
-        name="clmap",
-        normalize=_normalize,
-        encode=_encoder(cfg.data.labels, cfg.data.min_target_tokens),
-        reasons=DROP_REASONS,
-        train_file=train_file,
-        eval_file=eval_file,
-        verbose=verbose,
-    )
+register_format(CLMapFormat.name, CLMapFormat.from_config)
+
+
+prepare = preparer(
+    CLMapFormat.name, """:func:`alignx.data.prepare` of mapping and monolingual records (:class:`CLMapFormat`)."""
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,9 +282,14 @@ def build_records(
                 continue
             for src, tgt in ((pivot, x), (x, pivot)):
                 mapping.append(
-                    {"kind": "map", "src_text": unit.texts[src], "tgt_text": unit.texts[tgt], "src_lang": src,
-                     "tgt_lang": tgt}
-                )  # fmt: skip
+                    {
+                        "kind": "map",
+                        "src_text": unit.texts[src],
+                        "tgt_text": unit.texts[tgt],
+                        "src_lang": src,
+                        "tgt_lang": tgt,
+                    }
+                )
     mono = []
     total = round(len(mapping) * (1.0 - mix_ratio) / mix_ratio)
     langs = sorted(sides)
