@@ -23,7 +23,6 @@ launcher itself returns on SIGTERM depends on which process got the signal (READ
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import os
 import sys
@@ -132,17 +131,6 @@ def _run_training(cfg: Config, stage: str, config_path: str | None, overrides: l
             shutdown_distributed(clean=clean)
 
 
-def _describe_resolved(cfg: Config) -> str:
-    """Like :func:`alignx.config.describe`, with the values of ``cfg``."""
-    lines = []
-    for sec in dataclasses.fields(cfg):
-        section = getattr(cfg, sec.name)
-        lines.append(f"{sec.name}:")
-        for f in dataclasses.fields(section):
-            lines.append(f"  {f.name}: {getattr(section, f.name)!r}  # {f.metadata.get('doc', '')}")
-    return "\n".join(lines)
-
-
 def config_main(argv: Sequence[str]) -> int:
     """``alignx config [--config FILE] [--section.key=value ...]``: every key, its value and its documentation."""
     p = argparse.ArgumentParser(prog="alignx config", description=config_main.__doc__, allow_abbrev=False)
@@ -156,7 +144,7 @@ def config_main(argv: Sequence[str]) -> int:
     except ConfigError as e:
         _error("config error", e)
         return USAGE_ERROR
-    print(_describe_resolved(cfg))
+    print(describe(cfg))
     return 0
 
 

@@ -574,10 +574,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def describe() -> str:
-    """Every key with its default and documentation, one per line."""
+def describe(cfg: Config | None = None) -> str:
+    """Every key with its default (or its value in ``cfg``) and documentation, one per line."""
     lines = []
-    cfg = Config()
+    cfg = cfg if cfg is not None else Config()
     for sec in dataclasses.fields(Config):
         section = getattr(cfg, sec.name)
         lines.append(f"{sec.name}:")

@@ -41,6 +41,7 @@ from alignx.eval.pipeline import Evaluator
 from alignx.eval.report import collect_results, write_report
 from alignx.layout import export_dir, stage_dir
 from alignx.schedule import run_stages
+from alignx.similarity import SPACES
 
 
 def demo_overrides(args: argparse.Namespace, data: Path, train_dir: Path) -> dict[str, Any]:
@@ -177,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--similarity",
-        choices=("cosine", "center", "standardize", "whiten"),
+        choices=tuple(SPACES),
         default="whiten",
         help="objective.similarity: the space of the contrastive cosine (whiten; reference: cosine)",
     )

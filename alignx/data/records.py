@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "normalize_stage1",
     "normalize_stage2",
     "blank_row",
+    "drop_blank",
     "describe_bad_lines",
     "has_records",
     "read_jsonl",
@@ -177,6 +178,15 @@ def blank_row(texts: tuple[str, ...], line: int, drop: str = "", detail: str = "
     (``drop`` its reason, so that it is counted like any dropped record), or the base a normaliser fills in."""
     row: dict[str, Any] = dict.fromkeys(texts, "")
     row.update(src_lang=-1, tgt_lang=-1, bad_code="", drop=drop, detail=detail, line=line)
+    return row
+
+
+def drop_blank(row: dict[str, Any], checks: Sequence[tuple[tuple[str, ...], str]]) -> dict[str, Any]:
+    """``row`` with ``drop`` set to the reason of the first ``(fields, reason)`` check that finds one of its text
+    fields blank (only white space); unchanged when every field has text."""
+    for fields, reason in checks:
+        if any(not row[f].strip() for f in fields):
+            return {**row, "drop": reason}
     return row
 
 

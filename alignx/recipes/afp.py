@@ -52,7 +52,17 @@ from torch import Tensor
 
 from alignx.constants import SOURCE_SPAN as SOURCE
 from alignx.constants import TARGET_SPAN as TARGET
-from alignx.data import LINE_REASONS, Collator, Segment, Tokenized, blank_row, lm_columns, preparer, register_format
+from alignx.data import (
+    LINE_REASONS,
+    Collator,
+    Segment,
+    Tokenized,
+    blank_row,
+    drop_blank,
+    lm_columns,
+    preparer,
+    register_format,
+)
 from alignx.decoder import find_decoder_parts, first_output, layer_module
 from alignx.dist import all_gather_rows, global_share, is_distributed
 from alignx.errors import ConfigError
@@ -143,13 +153,14 @@ def _normalize(rec: dict[str, Any], line: int) -> dict[str, Any]:
     row["pool"] = rec.get("pool", "mean")
     if row["pool"] not in POOLS:
         return {**row, "drop": "bad_pool", "pool": ""}
-    if not row["sent0"].strip() or not row["sent1"].strip():
-        return {**row, "drop": "empty_sentence"}
-    if not row["instruction"].strip():
-        return {**row, "drop": "empty_instruction"}
-    if not row["output"].strip():
-        return {**row, "drop": "empty_target"}
-    return row
+    return drop_blank(
+        row,
+        (
+            (("sent0", "sent1"), "empty_sentence"),
+            (("instruction",), "empty_instruction"),
+            (("output",), "empty_target"),
+        ),
+    )
 
 
 def _pool_marks(regions: Any, pool: str) -> list[int]:

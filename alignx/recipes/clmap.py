@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from alignx.constants import TARGET_SPAN
-from alignx.data import LINE_REASONS, Segment, Tokenized, blank_row, lm_columns, preparer, register_format
+from alignx.data import LINE_REASONS, Segment, Tokenized, blank_row, drop_blank, lm_columns, preparer, register_format
 from alignx.languages import lang_id, lang_name
 from alignx.objective import AlignXObjective
 from alignx.recipes.base import Recipe
@@ -116,16 +116,11 @@ def _normalize(rec: dict[str, Any], line: int) -> dict[str, Any]:
         row["src_lang"], row["tgt_lang"] = lang_id(row["src_code"]), lang_id(row["tgt_code"])
     except ValueError:
         return {**row, "drop": "unknown_language"}
-    if kind == "map":
-        if row["src_lang"] == row["tgt_lang"]:
-            return {**row, "drop": "same_language"}
-        if not row["src_text"].strip():
-            return {**row, "drop": "empty_source"}
-        if not row["tgt_text"].strip():
-            return {**row, "drop": "empty_target"}
-    elif not row["text"].strip():
-        return {**row, "drop": "empty_source"}
-    return row
+    if kind == "mono":
+        return drop_blank(row, ((("text",), "empty_source"),))
+    if row["src_lang"] == row["tgt_lang"]:
+        return {**row, "drop": "same_language"}
+    return drop_blank(row, ((("src_text",), "empty_source"), (("tgt_text",), "empty_target")))
 
 
 @dataclass(frozen=True)
