@@ -9,6 +9,7 @@ script (``deepspeed ... tests/test_dist.py --out F``: the script's directory com
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import socket
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,6 +64,42 @@ def process_group_scope() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """``n`` intra-op threads inside the block, the previous count after it (tiny shapes: more threads only add
+    hand-over latency on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def one_process_group() -> Iterator[Any]:
+    """One thread and a process group of this process alone (yields ``init_distributed``'s ``DistInfo``), both
+    undone afterwards."""
+    from alignx.engine import init_distributed
+
+    with torch_threads(1), process_group_scope():
+        yield init_distributed(Config())
+
+
+def worker_setup(argv: list[str], threads: int | None = 1) -> tuple[argparse.Namespace, Any]:
+    """A test module run as a 2-rank script (``run_deepspeed``): its arguments (the launcher's ``--local_rank``,
+    ``--out``), ``threads`` intra-op threads (None: unchanged) and the started process group's ``DistInfo``."""
+    from alignx.engine import init_distributed
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--local_rank", type=int)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return args, init_distributed(Config())
 
 
 def shared_data(base: Path) -> tuple[Path, Path]:

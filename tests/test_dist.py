@@ -84,19 +84,12 @@ def _engine_run(stage: int) -> dict:
 
 
 def _worker(argv: list[str]) -> None:
-    import argparse
-
     import torch.distributed as dist
+    from helpers import worker_setup
 
-    from alignx.config import Config
-    from alignx.engine import init_distributed, shutdown_distributed
+    from alignx.engine import shutdown_distributed
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--local_rank", type=int)
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    info = init_distributed(Config())
+    args, info = worker_setup(argv)
     assert info.world_size == 2, info
     results = {stage: _engine_run(stage) for stage in (0, 1, 2, 3)}
     if dist.get_rank() == 0:

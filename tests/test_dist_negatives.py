@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MICRO, collate, make_cfg, make_model, make_records, process_group_scope, run_deepspeed
+from helpers import MICRO, collate, make_cfg, make_model, make_records, one_process_group, run_deepspeed
 
 pytestmark = pytest.mark.dist
 
@@ -138,19 +138,12 @@ def _engine_queue(stage: int) -> dict:
 
 
 def _worker(argv: list[str]) -> None:
-    import argparse
-
     import torch.distributed as dist
+    from helpers import worker_setup
 
-    from alignx.config import Config
-    from alignx.engine import init_distributed, shutdown_distributed
+    from alignx.engine import shutdown_distributed
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--local_rank", type=int)
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    info = init_distributed(Config())
+    args, info = worker_setup(argv)
     assert info.world_size == 2, info
     results = {"gather": _gather_checks()}
     for stage in STAGES:
@@ -182,16 +175,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 @pytest.fixture(scope="module")
 def one_process():
     """This process as rank 0 of 1 (the reference runs; ``negatives = global`` needs a process group)."""
-
-    from alignx.config import Config
-    from alignx.engine import init_distributed
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with process_group_scope():
-        init_distributed(Config())
+    with one_process_group():
         yield
-    torch.set_num_threads(threads)
 
 
 def reference_step(model, rows: list[dict], packed: bool = False) -> dict:

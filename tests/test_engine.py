@@ -15,17 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TinyWithHead, batches, process_group_scope
+from helpers import TinyWithHead, batches, one_process_group
 from helpers import engine_cfg as make_cfg
 from torch import nn
 
-from alignx.config import Config, ConfigError, load_config
+from alignx.config import ConfigError, load_config
 from alignx.engine import (
     EXPORT_MANIFEST,
     CheckpointError,
     Engine,
     build_ds_config,
-    init_distributed,
     latest_tag,
     linear_warmup_decay,
     list_checkpoints,
@@ -37,11 +36,8 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.distributed\.\w+.? is 
 
 @pytest.fixture(scope="module", autouse=True)
 def dist_group():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared 2-core machine
-    with process_group_scope():
-        yield init_distributed(Config())
-    torch.set_num_threads(threads)
+    with one_process_group() as info:
+        yield info
 
 
 def run_steps(engine: Engine, data: list[dict], steps: int, start: int = 0) -> tuple[list[float], list[float]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import torch_threads
 
 from alignx.eval.alignment import layer_retrieval, retrieval_metrics
 from alignx.eval.probe import probe_accuracy
@@ -12,11 +13,8 @@ from alignx.eval.translation import bleu_tokenizer, clean_generation, translatio
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    # Small matrices: intra-op threads only add hand-over latency on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def test_identical_vectors_retrieve_perfectly():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torch_threads
 
 from alignx.config import EvalConfig
 from alignx.eval.alignment import encode_layers, resolve_pooling
@@ -27,11 +28,8 @@ TEXTS = ["In the beginning was the Word.", "Au commencement était la Parole, et
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    # Tiny shapes: intra-op threads only add hand-over latency (10 ms per 32-wide matmul on a busy 2-core machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

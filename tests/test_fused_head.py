@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torch_threads
 
 from alignx.config import Config, load_config
 from alignx.data import Collator, PackedCollator
@@ -32,10 +33,8 @@ STEPS = 3
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _lm(arch: str, **overrides) -> torch.nn.Module:
@@ -227,18 +226,12 @@ def _engine_losses(stage: int, world: int, rank: int) -> dict:
 
 
 def _worker(argv: list[str]) -> None:
-    import argparse
-
     import torch.distributed as dist
+    from helpers import worker_setup
 
-    from alignx.engine import init_distributed, shutdown_distributed
+    from alignx.engine import shutdown_distributed
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--local_rank", type=int)
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    init_distributed(Config())
+    args, info = worker_setup(argv)
     world, rank = dist.get_world_size(), dist.get_rank()
     result = _engine_losses(3, world, rank)
     ntp = torch.tensor(result["losses"], dtype=torch.float64)

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import torch_threads
 
 from alignx.data import Collator, PackedCollator, batch_tokens
 from alignx.model import AlignXModel
@@ -27,10 +28,8 @@ TOL = 1e-5
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _gemma3_sliding(vocab: int) -> torch.nn.Module:

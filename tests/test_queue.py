@@ -24,17 +24,10 @@ from alignx.dist import NegativeQueue
 
 @pytest.fixture(scope="module")
 def one_process():
-    from helpers import process_group_scope
+    from helpers import one_process_group
 
-    from alignx.config import Config
-    from alignx.engine import init_distributed
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with process_group_scope():
-        init_distributed(Config())
+    with one_process_group():
         yield
-    torch.set_num_threads(threads)
 
 
 def _rows(n: int, start: int, d: int = 3) -> torch.Tensor:

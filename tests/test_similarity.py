@@ -334,17 +334,12 @@ def _space_cfg():
 
 
 def _worker(argv: list[str]) -> None:
-    import argparse
-
     import torch.distributed as dist
+    from helpers import worker_setup
 
-    from alignx.engine import init_distributed, shutdown_distributed
+    from alignx.engine import shutdown_distributed
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--local_rank", type=int)
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    info = init_distributed(Config())
+    args, info = worker_setup(argv, threads=None)
     state = _state_of(info.world_size, info.rank)
     states = [None, None]
     dist.all_gather_object(states, state)
