@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers import get_linear_schedule_with_warmup
 
 from alignx import trust
 from alignx.config import Config, ConfigError
@@ -309,19 +310,16 @@ def _merge_extra(ds: dict[str, Any], extra: Mapping[str, Any], prefix: str = "")
     return ds
 
 
-def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """``LambdaLR`` with the factor ``s / W`` during warm-up, then ``(S - s) / (S - W)`` down to 0 (see module doc)."""
+def linear_warmup_decay(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with the factor ``s / W`` during warm-up, then ``(S - s) / (S - W)`` down to 0 (see module doc):
+    transformers' ``get_linear_schedule_with_warmup``, with the arguments checked."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {warmup_steps}")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
