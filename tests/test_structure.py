@@ -204,3 +204,31 @@ def test_recipe_data_kinds_are_the_kinds_with_data_hooks() -> None:
 @pytest.mark.parametrize("module", ["alignx.constants", "alignx.layout", "alignx.errors", "alignx.decoder"])
 def test_leaf_modules_import_nothing_of_alignx_at_run_time(module: str) -> None:
     assert _imports(module) == (set(), [])
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(paths: list[Path], limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``file:line name (n lines)`` of every function or method longer than ``limit`` lines in ``paths``."""
+    out = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    out.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+    return out
+
+
+def test_the_length_check_sees_a_long_function(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def long():\n{body}\n")
+    (tmp_path / "short.py").write_text("def short():\n    return 1\n")
+    assert long_functions(sorted(tmp_path.glob("*.py"))) == [f"long.py:1 long ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+def test_no_function_over_60_lines_outside_kernels_and_tests() -> None:
+    roots = [REPO / "alignx", REPO / "benchmarks", REPO / "examples"]
+    paths = sorted(p for root in roots for p in root.rglob("*.py")) + [REPO / "train.py", REPO / "setup.py"]
+    assert long_functions([p for p in paths if p.is_file()]) == []
