@@ -23,15 +23,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NEGATIVES_FILE",
+    "SHARED_FILES",
     "SIMILARITY_FILE",
     "client_state",
     "data_order_problem",
-    "restore_alignment",
-    "restore_negatives",
+    "restore_align_layer",
+    "restore_run_state",
 ]
 
 NEGATIVES_FILE = "negatives_queue"  # <checkpoint>/negatives_queue.pt, written once (identical on every rank)
 SIMILARITY_FILE = "similarity_stats"  # <checkpoint>/similarity_stats.pt: running statistics of the similarity space
+SHARED_FILES = {NEGATIVES_FILE: "negatives", SIMILARITY_FILE: "similarity"}
+"""The model's run state saved as shared files (:meth:`alignx.model.AlignXModel.run_state`) -> the objective setting
+that asks for it."""
+SHARED_FILES_TEXT = {NEGATIVES_FILE: "negatives queue", SIMILARITY_FILE: "similarity statistics"}
 
 
 def client_state(
@@ -56,14 +61,9 @@ def client_state(
         "stage": stage,
         "seed": seed,
     }
-    queue = module.negatives_state()
-    client["negatives_queue"] = queue is not None
-    shared = {NEGATIVES_FILE: queue} if queue is not None else {}
-    stats = module.similarity_state() if hasattr(module, "similarity_state") else None
-    client["similarity_stats"] = stats is not None
-    if stats is not None:
-        shared[SIMILARITY_FILE] = stats
-    client["align_layer"] = getattr(module, "align_layer", None)
+    state = module.run_state()
+    shared = {name: state[name] for name in SHARED_FILES if state[name] is not None}
+    client.update({name: state[name] is not None for name in SHARED_FILES}, align_layer=state["align_layer"])
     return client, shared
 
 
@@ -81,34 +81,25 @@ def data_order_problem(
     return None
 
 
-def restore_negatives(engine: Engine, client: dict[str, Any], root: Path, name: str, negatives: str) -> str | None:
-    """Load the negatives queue of the checkpoint ``root/name``; the problem when this run (``objective.negatives``)
-    has a queue and the checkpoint none."""
-    if client.get("negatives_queue"):
-        engine.module.load_negatives_state(engine.load_shared(root, name, NEGATIVES_FILE), engine.device)
-    elif engine.module.negatives_state() is not None:
-        return (
-            f"checkpoint {root / name} holds no negatives queue but this run uses objective.negatives="
-            f"{negatives!r}; resume with the checkpoint's objective settings"
-        )
+def restore_run_state(engine: Engine, client: dict[str, Any], where: Path, settings: dict[str, str]) -> str | None:
+    """Load the negatives queue and the similarity statistics of the checkpoint at ``where``; the problem when this
+    run needs one that the checkpoint lacks (``settings``: the config values that ask for each, for the message)."""
+    module = engine.module
+    state = module.run_state()
+    for name, key in SHARED_FILES.items():
+        if client.get(name):
+            module.load_run_state(name, engine.load_shared(where.parent, where.name, name), engine.device)
+        elif state[name] is not None:
+            return (
+                f"checkpoint {where} holds no {SHARED_FILES_TEXT[name]} but this run uses objective.{key}="
+                f"{settings[key]!r}; resume with the checkpoint's objective settings"
+            )
     return None
 
 
-def restore_alignment(
-    engine: Engine, client: dict[str, Any], where: Path, *, similarity: str, align_layer: int | str
-) -> str | None:
-    """The similarity space's running statistics and the aligned layer of the checkpoint; the problem when this run
-    (``objective.similarity``, ``model.align_layer``) cannot take them."""
+def restore_align_layer(engine: Engine, client: dict[str, Any], where: Path, align_layer: int | str) -> str | None:
+    """Align the checkpoint's layer; the problem when this run (``model.align_layer``) asks for another."""
     module = engine.module
-    if not hasattr(module, "similarity_state"):
-        return None
-    if client.get("similarity_stats"):
-        module.load_similarity_state(engine.load_shared(where.parent, where.name, SIMILARITY_FILE))
-    elif module.similarity_state() is not None:
-        return (
-            f"checkpoint {where} holds no similarity statistics but this run uses objective.similarity="
-            f"{similarity!r}; resume with the checkpoint's objective settings"
-        )
     layer = client.get("align_layer")
     if layer is None or module.lang_head is None or int(layer) == module.align_layer:
         return None
@@ -117,5 +108,5 @@ def restore_alignment(
             f"checkpoint {where} aligned layer {layer}, this run has model.align_layer={module.align_layer}; "
             "resume with the checkpoint's layer (or model.align_layer=auto)"
         )
-    module.set_align_layer(int(layer))
+    module.load_run_state("align_layer", int(layer))
     return None

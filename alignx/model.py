@@ -458,6 +458,27 @@ class AlignXModel(nn.Module):
     def load_similarity_state(self, state: dict[str, Any] | None) -> None:
         self.objective.load_similarity_state(state)
 
+    def run_state(self) -> dict[str, Any]:
+        """Everything a checkpoint must keep besides parameters and optimizer, by name (None = this run keeps none):
+        ``negatives_queue`` (the queues of ``global+queue``), ``similarity_stats`` (the running statistics of the
+        similarity space) and ``align_layer``; the same on every rank."""
+        return {
+            "negatives_queue": self.negatives_state(),
+            "similarity_stats": self.similarity_state(),
+            "align_layer": self.align_layer,
+        }
+
+    def load_run_state(self, name: str, state: Any, device: torch.device | str | None = None) -> None:
+        """Restore one entry of :meth:`run_state` exactly."""
+        if name == "negatives_queue":
+            self.load_negatives_state(state, device)
+        elif name == "similarity_stats":
+            self.load_similarity_state(state)
+        elif name == "align_layer":
+            self.set_align_layer(int(state))
+        else:
+            raise KeyError(f"unknown run state {name!r}; known: {sorted(self.run_state())}")
+
     @staticmethod
     def logits_to_keep(labels: Tensor) -> int:
         """How many trailing positions need logits: ``T - p`` for the first position ``p`` whose next label is

@@ -75,7 +75,7 @@ import numpy as np
 import torch
 
 import alignx.model
-from alignx.checkpoint_state import client_state, data_order_problem, restore_alignment, restore_negatives
+from alignx.checkpoint_state import client_state, data_order_problem, restore_align_layer, restore_run_state
 from alignx.config import Config, ConfigError, save_config
 from alignx.data import batch_tokens, micro_batches
 from alignx.dist import all_gather_objects, any_rank, broadcast_from_rank0
@@ -390,8 +390,9 @@ class Trainer:
             raise TrainingError(problem)
         step = int(client["step"])
         obj = self.cfg.objective
-        problem = restore_negatives(engine, client, root, name, obj.negatives) or restore_alignment(
-            engine, client, where, similarity=obj.similarity, align_layer=self.cfg.model.align_layer
+        settings = {"negatives": obj.negatives, "similarity": obj.similarity}
+        problem = restore_run_state(engine, client, where, settings) or restore_align_layer(
+            engine, client, where, self.cfg.model.align_layer
         )
         if problem is not None:
             raise TrainingError(problem)
