@@ -25,7 +25,6 @@ i.e. the Hugging Face ``get_linear_schedule_with_warmup`` that the reference rec
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import random
@@ -47,6 +46,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from alignx import trust
 from alignx.config import Config, ConfigError
+from alignx.export import EXPORT_MANIFEST, write_hf_dir
 
 __all__ = [
     "EXPORT_MANIFEST",
@@ -66,7 +66,6 @@ __all__ = [
 log = logging.getLogger("alignx.engine")
 
 #: Written last into an exported directory; its presence (with matching file sizes) means the export is complete.
-EXPORT_MANIFEST = "alignx_export.json"
 #: Name of the file holding the tag of the newest complete checkpoint (the name DeepSpeed's loader reads).
 LATEST = "latest"
 _RNG_FILE = "rng_state_rank{rank}.pt"
@@ -658,35 +657,10 @@ class Engine:
         state = self._gathered_lm_state(lm)
         if self.rank == 0:
             assert state is not None
-            tmp = out_dir.with_name(out_dir.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            # Training switches the KV cache off; the exported model is for generation, so it is saved on.
-            use_cache = getattr(lm.config, "use_cache", None)
-            if use_cache is not None:
-                lm.config.use_cache = True
-            try:
-                lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            finally:
-                if use_cache is not None:
-                    lm.config.use_cache = use_cache
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
             excluded = sorted(
                 {n.split(".", 1)[0] + "." for n, _ in self.module.named_parameters() if not n.startswith(lm_attr + ".")}
             )
-            manifest = {
-                "format": 1,
-                "num_parameters": sum(t.numel() for t in {id(t): t for t in state.values()}.values()),
-                "excluded_prefixes": excluded,
-                "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
-                **dict(meta or {}),
-                "complete": True,
-            }
-            (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
+            write_hf_dir(lm, state, out_dir, tokenizer, excluded_prefixes=excluded, meta=meta)
         dist.barrier()
         return out_dir
 

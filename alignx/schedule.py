@@ -31,7 +31,7 @@ from typing import Any
 
 from alignx.config import Config, ConfigError
 from alignx.data import validate_inputs
-from alignx.engine import EXPORT_MANIFEST
+from alignx.export import EXPORT_MANIFEST
 from alignx.layout import export_dir, stage_dir
 from alignx.models import PACKAGED, model_name_problem, packaged_model_dir
 from alignx.storage import probe_output_dir
@@ -148,7 +148,7 @@ def stage_command(stage: int | str, config_path: str | None, overrides: Sequence
 def verify_export(path: str | Path) -> dict[str, Any]:
     """Check that ``path`` is a complete alignx export; returns its manifest.
 
-    Complete means: :data:`alignx.engine.EXPORT_MANIFEST` exists (it is written last) with ``complete: true``,
+    Complete means: :data:`alignx.export.EXPORT_MANIFEST` exists (it is written last) with ``complete: true``,
     every file it lists exists with the listed size, ``config.json`` and a weights file are among them, and no
     weight name starts with an excluded prefix (the language-matching head).
 
