@@ -201,7 +201,9 @@ def test_recipe_data_kinds_are_the_kinds_with_data_hooks() -> None:
     assert sorted(with_hooks) == sorted(RECIPE_DATA_KINDS)
 
 
-@pytest.mark.parametrize("module", ["alignx.constants", "alignx.layout", "alignx.errors", "alignx.decoder", "alignx.export"])
+@pytest.mark.parametrize(
+    "module", ["alignx.constants", "alignx.layout", "alignx.errors", "alignx.decoder", "alignx.export"]
+)
 def test_leaf_modules_import_nothing_of_alignx_at_run_time(module: str) -> None:
     assert _imports(module) == (set(), [])
 
