@@ -20,7 +20,7 @@ by the accumulation steps, the reduction divides by ``W``), so the optimizer see
 * With that backward, ``sum_r (gradient of rank r) = d(sum_r L_r)/dtheta`` and the optimizer sees
   ``d/dtheta [(1/W) sum_r L_r]``. **The per-rank loss must therefore be ``W`` times the rank's share of the global
   objective**: for a global mean over ``N`` items of which rank ``r`` holds ``n_r``,
-  ``L_r = (W / N) * sum_{i in rank r} l_i`` (:func:`global_mean_scale` gives ``W / N``). Then
+  ``L_r = (W / N) * sum_{i in rank r} l_i`` (:func:`global_share` gives ``n_r W / N`` for the rank's mean). Then
   ``(1/W) sum_r L_r = (1/N) sum_i l_i`` exactly, for equal or unequal ``n_r``. A term every rank computes in full
   and identically (``L_r = L`` for all r, e.g. a loss over all pairs of ``X``) needs no factor:
   ``(1/W) sum_r L = L``, and the summed backward gives each owner ``W * dL/dx_r`` which the averaging divides by
@@ -58,7 +58,6 @@ __all__ = [
     "any_rank",
     "broadcast_from_rank0",
     "gather_sizes",
-    "global_mean_scale",
     "global_share",
     "is_distributed",
     "rank_and_world",
@@ -190,19 +189,11 @@ def all_gather_rows(x: Tensor, sizes: GatherSizes, *, group: Any = None) -> Tens
     return _AllGatherRows.apply(x.contiguous(), sizes.sizes, sizes.rank, group)
 
 
-def global_mean_scale(sizes: GatherSizes, column: int = 0) -> float:
-    """``W / N`` (0 when ``N = 0``): multiply this rank's *sum* over its items by it so that DeepSpeed's average of
-    the ranks' gradients is the gradient of the global mean over all ``N`` items (module docstring).
-
-    ``column`` picks the count: 0 = gathered rows (anchors), another column = e.g. token counts.
-    """
-    total = sizes.column_total(column)
-    return sizes.world_size / total if total > 0 else 0.0
-
-
 def global_share(sizes: GatherSizes, column: int = 0) -> float:
-    """``n_r W / N`` (0 when ``N = 0``): multiply this rank's *mean* over its ``n_r`` items by it for the same effect as
-    :func:`global_mean_scale` on its sum. Exactly 1.0 on a group of one, so a one-rank objective is its local mean."""
+    """``n_r W / N`` (0 when ``N = 0``): multiply this rank's *mean* over its ``n_r`` items by it so that DeepSpeed's
+    average of the ranks' gradients is the gradient of the global mean over all ``N`` items (module docstring).
+    Exactly 1.0 on a group of one, so a one-rank objective is its local mean. ``column`` picks the count: 0 =
+    gathered rows (anchors), another column = e.g. token counts."""
     total = sizes.column_total(column)
     return int(sizes.counts[sizes.rank, column]) * sizes.world_size / total if total > 0 else 0.0
 

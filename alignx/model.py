@@ -451,29 +451,22 @@ class AlignXModel(nn.Module):
         self._align_hook.remove()
         self._align_hook = self._hook_align_layer(*find_decoder_parts(self.lm))
 
-    def similarity_state(self) -> dict[str, Any] | None:
-        """The similarity space's running statistics (None without them); the same on every rank."""
-        return self.objective.similarity_state()
-
-    def load_similarity_state(self, state: dict[str, Any] | None) -> None:
-        self.objective.load_similarity_state(state)
-
     def run_state(self) -> dict[str, Any]:
         """Everything a checkpoint must keep besides parameters and optimizer, by name (None = this run keeps none):
         ``negatives_queue`` (the queues of ``global+queue``), ``similarity_stats`` (the running statistics of the
         similarity space) and ``align_layer``; the same on every rank."""
         return {
-            "negatives_queue": self.negatives_state(),
-            "similarity_stats": self.similarity_state(),
+            "negatives_queue": self.objective.negatives_state(),
+            "similarity_stats": self.objective.similarity_state(),
             "align_layer": self.align_layer,
         }
 
     def load_run_state(self, name: str, state: Any, device: torch.device | str | None = None) -> None:
         """Restore one entry of :meth:`run_state` exactly."""
         if name == "negatives_queue":
-            self.load_negatives_state(state, device)
+            self.objective.load_negatives_state(state, device)
         elif name == "similarity_stats":
-            self.load_similarity_state(state)
+            self.objective.load_similarity_state(state)
         elif name == "align_layer":
             self.set_align_layer(int(state))
         else:
@@ -616,13 +609,6 @@ class AlignXModel(nn.Module):
     def end_step(self, step: int = -1) -> int:
         """Call after each optimizer step: the rows staged by its forwards enter the negatives queue."""
         return self.objective.end_step(step)
-
-    def negatives_state(self) -> dict[str, Any] | None:
-        """The negatives queues for a checkpoint (None without a queue); the same on every rank."""
-        return self.objective.negatives_state()
-
-    def load_negatives_state(self, state: dict[str, Any] | None, device: torch.device | str | None = None) -> None:
-        self.objective.load_negatives_state(state, device)
 
 
 def _check_packed(
